@@ -1,0 +1,261 @@
+"""The `fedclip` command: `fedclip fit --config X.yaml` and `fedclip evaluate --run_dir R`.
+
+Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
+`--print_config` prints the resolved configuration. Bad input exits with code 2 and a single
+line that names the problem; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from fedclip.config import FitConfig
+
+DEFAULTS = {
+    "learner": {"class_path": "fedclip.learners.TextualPrompt"},
+    "strategy": {"class_path": "fedclip.strategies.FedAvg"},
+    "data.dataset": {"class_path": "fedclip.data.Shapes"},
+    "data.partitioner": {"class_path": "fedclip.data.Dirichlet"},
+}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def fit_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="fedclip fit",
+        description="Run a federated prompt-learning experiment.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
+    parser.add_argument(
+        "--resume",
+        type=bool,
+        default=False,
+        help="continue the run in output_dir/run_name from its last checkpoint",
+    )
+    parser.add_argument(
+        "--progress", type=bool, default=True, help="show progress and a line per round"
+    )
+    parser.add_class_arguments(FitConfig, nested_key=None, fail_untyped=True, sub_configs=True)
+    parser.set_defaults(DEFAULTS)
+    return parser
+
+
+def evaluate_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="fedclip evaluate",
+        description="Evaluate every client of a saved run from its last checkpoint.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    parser.add_argument(
+        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
+    )
+    return parser
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
+    """Instantiate the parsed namespace into a FitConfig plus its plain-data dump."""
+    plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
+    for key in ("config", "resume", "progress", "print_config"):
+        plain.pop(key, None)
+    init = (
+        parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+    )
+    fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
+    return FitConfig(**fields), plain
+
+
+def default_run_name(cfg: FitConfig) -> str:
+    learner = type(cfg.learner).__name__.lower()
+    dataset = getattr(cfg.data.dataset, "name", type(cfg.data.dataset).__name__.lower())
+    return f"{learner}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_table(fed, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = fed.summary()
+    table = Table(title=title)
+    for col in ("client", "train", "test", "classes", "acc %"):
+        table.add_column(col, justify="right")
+    for row in summary["clients"]:
+        acc = row["acc"]
+        table.add_row(
+            str(row["client"]),
+            str(row["train"]),
+            str(row["test"]),
+            str(row["classes"]),
+            "-" if acc != acc else f"{100 * acc:.2f}",
+        )
+    ev = summary["eval"]
+    if ev:
+        table.add_section()
+        table.add_row(
+            "mean",
+            "",
+            "",
+            "",
+            f"{100 * ev.get('eval/acc_mean', float('nan')):.2f} ± {100 * ev.get('eval/acc_std', float('nan')):.2f}",
+        )
+        table.add_row("min", "", "", "", f"{100 * ev.get('eval/acc_min', float('nan')):.2f}")
+    Console().print(table)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Accuracy (mean, min-max band) and training loss against rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in history if "eval/acc_mean" in r]
+    tr = [
+        r
+        for r in history
+        if r.get("train/loss_mean") == r.get("train/loss_mean") and "train/loss_mean" in r
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if ev:
+        x = [r["round"] for r in ev]
+        axes[0].plot(
+            x, [100 * r["eval/acc_mean"] for r in ev], marker="o", label="mean over clients"
+        )
+        axes[0].fill_between(
+            x,
+            [100 * r["eval/acc_min"] for r in ev],
+            [100 * r["eval/acc_max"] for r in ev],
+            alpha=0.2,
+            label="min-max",
+        )
+        axes[0].legend()
+    axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
+    if tr:
+        axes[1].plot([r["round"] for r in tr], [r["train/loss_mean"] for r in tr], marker="o")
+    axes[1].set(xlabel="round", ylabel="mean local loss", title="training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(fed, run_dir: Path) -> None:
+    summary = fed.summary()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    plot_curves(fed.history, run_dir / "curves.png")
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from fedclip.federation import Federation
+
+    parser = fit_parser()
+    ns = parser.parse_args(argv)
+    cfg, plain = build_fit_config(parser, ns)
+    run_name = cfg.run_name or default_run_name(cfg)
+    run_dir = Path(cfg.output_dir) / run_name
+    plain["run_name"] = run_name
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ns.resume and not ckpt.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    if not ns.resume and ckpt.is_file():
+        raise UsageError(
+            f"run folder {run_dir} already holds a checkpoint; pass --resume to continue it "
+            "or choose another run_name"
+        )
+    if ns.resume:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        changed = sorted(
+            k for k in plain if k not in {"federation", "logger"} and plain[k] != saved.get(k)
+        )
+        if changed:
+            raise UsageError(
+                f"--resume: config differs from {run_dir / 'config.yaml'} in {', '.join(changed)}"
+            )
+    fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    try:
+        fed.fit(resume=ns.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted; the last completed round is in {ckpt}", file=sys.stderr)
+        return 130
+    write_results(fed, run_dir)
+    print_table(fed, f"{run_name}: round {fed.round}")
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from fedclip.federation import Federation
+
+    ns = evaluate_parser().parse_args(argv)
+    run_dir = Path(ns.run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
+    parser = fit_parser()
+    fit_ns = parser.parse_args(["--config", str(cfg_path)])
+    cfg, plain = build_fit_config(parser, fit_ns)
+    fed = Federation(cfg, None, plain, show_progress=False)
+    fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
+    accs = fed.evaluate(fed.round)
+    fed.last_eval = accs
+    metrics = fed._eval_metrics(accs)
+    fed.history.append({"round": float(fed.round), **metrics})
+    (run_dir / "eval.json").write_text(json.dumps({"round": fed.round, **metrics}, indent=2))
+    print_table(fed, f"{run_dir.name}: evaluation after round {fed.round}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        print(
+            "usage: fedclip {fit,evaluate} [--config X.yaml] [options]  (fedclip fit -h for all keys)"
+        )
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    from fedclip.backbone import BackboneError
+    from fedclip.checkpoint import CheckpointError
+    from fedclip.data.datasets import DataError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (
+        argparse.ArgumentError,
+        UsageError,
+        BackboneError,
+        DataError,
+        CheckpointError,
+        ValueError,
+    ) as e:
+        if os.environ.get("FEDCLIP_DEBUG"):
+            raise
+        print(f"fedclip {argv[0]}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

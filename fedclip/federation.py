@@ -1,0 +1,346 @@
+"""Federation: the round loop, driven by Lightning Fabric.
+
+One process simulates every client one after another on its device: sample clients,
+download, local epochs, upload, aggregate, evaluate, log, checkpoint. Everything random is
+drawn from generators seeded by the config's seed (client sampling state is checkpointed;
+shuffling is seeded by (seed, round, client)), so a resumed run reaches the same state as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger
+from torch import Tensor
+
+from fedclip.backbone import load_backbone
+from fedclip.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint, save_atomic
+from fedclip.client import ClientModule
+from fedclip.config import FitConfig
+from fedclip.data.federated import FederatedData
+from fedclip.metrics import summarize
+from fedclip.progress import Progress
+from fedclip.strategies.base import ClientResult, Payload
+
+log = logging.getLogger(__name__)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists/Payloads."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Payload):
+        return tensor_bytes(obj.state) + tensor_bytes(obj.extras)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """Hash of what defines the computation (not where it is logged or how long it runs)."""
+    volatile = {"output_dir", "run_name", "logger", "config", "resume", "__path__"}
+    core = {k: v for k, v in config.items() if k not in volatile}
+    fed = dict(core.get("federation", {}))
+    fed.pop("rounds", None)
+    fed.pop("eval_every", None)
+    core["federation"] = fed
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Federation:
+    """Builds the backbone, data, clients and strategy of a `FitConfig`, then runs rounds.
+
+    run_dir: where metrics, checkpoints and the summary go (None: nothing is written).
+    config_dict: the resolved config as plain data (saved fingerprint for resume checks).
+    """
+
+    def __init__(
+        self,
+        cfg: FitConfig,
+        run_dir: str | Path | None = None,
+        config_dict: dict[str, Any] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.fingerprint = config_fingerprint(config_dict or {})
+        self.show_progress = show_progress
+        fed = cfg.federation
+        if fed.rounds < 1:
+            raise ValueError(f"federation.rounds must be >= 1, got {fed.rounds}")
+        if not 0.0 < fed.fraction <= 1.0:
+            raise ValueError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
+        if fed.local_epochs < 1:
+            raise ValueError(f"federation.local_epochs must be >= 1, got {fed.local_epochs}")
+        if fed.eval_every < 1:
+            raise ValueError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
+        if cfg.fabric.devices != 1:
+            raise ValueError("fabric.devices must be 1: clients are simulated on one device")
+
+        loggers = []
+        if self.run_dir is not None:
+            loggers.append(CSVLogger(root_dir=str(self.run_dir), name="", version="csv"))
+            if cfg.logger.wandb:
+                loggers.append(self._wandb_logger())
+        self.fabric = Fabric(
+            accelerator=cfg.fabric.accelerator,
+            devices=cfg.fabric.devices,
+            precision=cfg.fabric.precision,
+            loggers=loggers,
+        )
+        self.fabric.seed_everything(cfg.seed, verbose=False)
+
+        self.data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+        self.clip = load_backbone(cfg.backbone)
+        self.clip.to(self.fabric.device)
+        self.classnames = self.data.classnames
+        self.data.bind(self.clip, use_cache=not type(cfg.learner).needs_images)
+
+        self.clients = [self._make_client(k) for k in range(self.data.num_clients)]
+        self.strategy = cfg.strategy
+        self.strategy.initialize(self.clients[0].upload(), self.data.num_clients, cfg.seed)
+        self.sampler = torch.Generator().manual_seed(cfg.seed)
+        self.round = 0  # rounds completed
+        self.history: list[dict[str, float]] = []
+        self.last_eval: dict[int, float] = {}
+
+    # ---- construction ------------------------------------------------------------------
+    def _make_client(self, k: int) -> ClientModule:
+        learner = copy.deepcopy(self.cfg.learner)  # the config's instance is never set up
+        learner.setup(self.clip, self.classnames, self.cfg.seed)
+        steps = self.cfg.federation.local_epochs * self.data.steps_per_epoch(k)
+        client = ClientModule(
+            k,
+            learner,
+            self.clip,
+            self.cfg.optim,
+            self.data.num_train(k),
+            steps,
+            self.cfg.federation.rounds,
+        )
+        return client.to(self.fabric.device)
+
+    def _wandb_logger(self):
+        from lightning.pytorch.loggers import WandbLogger
+
+        run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        return WandbLogger(
+            project=self.cfg.logger.project,
+            entity=self.cfg.logger.entity,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            save_dir=str(self.run_dir),
+            tags=self.cfg.logger.tags,
+        )
+
+    # ---- one round -----------------------------------------------------------------------
+    def sample_clients(self) -> list[int]:
+        n = self.data.num_clients
+        m = max(1, round(self.cfg.federation.fraction * n))
+        return sorted(torch.randperm(n, generator=self.sampler)[:m].tolist())
+
+    def fit_client(self, k: int, rnd: int) -> float:
+        """Local epochs of client k in round rnd; returns the mean training loss."""
+        client = self.clients[k]
+        if not client.learner.has_trainable() or self.data.num_train(k) == 0:
+            return float("nan")
+        client.train()
+        pairs = client.configure_optimizers()
+        optimizers = [self.fabric.setup_optimizers(opt) for opt, _ in pairs]
+        total, count = 0.0, 0
+        for epoch in range(self.cfg.federation.local_epochs):
+            shuffle_seed = int(
+                np.random.SeedSequence([self.cfg.seed, rnd, k, epoch]).generate_state(1)[0]
+            )
+            for i, batch in enumerate(self.data.batches(k, "train", epoch_seed=shuffle_seed)):
+                batch = batch.to(self.fabric.device)
+                with self.fabric.autocast():
+                    loss = client.training_step(batch, i)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"client {k}: non-finite loss {loss.item()} in round {rnd}"
+                    )
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                self.fabric.backward(loss)
+                for opt, (_, sched) in zip(optimizers, pairs, strict=True):
+                    opt.step()
+                    sched.step()
+                total += float(loss.detach()) * len(batch)
+                count += len(batch)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate_client(self, k: int) -> float:
+        client = self.clients[k]
+        client.eval()
+        client.accuracy.reset()
+        seen = 0
+        for i, batch in enumerate(self.data.batches(k, "test")):
+            batch = batch.to(self.fabric.device)
+            with self.fabric.autocast():
+                client.validation_step(batch, i)
+            seen += len(batch)
+        return float(client.accuracy.compute()) if seen else float("nan")
+
+    def evaluate(self, rnd: int) -> dict[int, float]:
+        ids = list(range(self.data.num_clients))
+        payloads = self.strategy.configure_evaluate(rnd, ids)
+        out = {}
+        for k in ids:
+            self.clients[k].receive(payloads.get(k))
+            out[k] = self.evaluate_client(k)
+        return out
+
+    def _eval_metrics(self, accs: dict[int, float]) -> dict[str, float]:
+        weights = {k: len(self.data.test_parts[k]) for k in accs}
+        s = summarize(accs, weights)
+        metrics = {f"eval/acc_{name}": v for name, v in s.items()}
+        metrics.update({f"client/{k}/acc": v for k, v in accs.items()})
+        return metrics
+
+    def run_round(self, rnd: int, progress: Progress) -> dict[str, float]:
+        t0 = time.perf_counter()
+        sampled = self.sample_clients()
+        payloads = self.strategy.configure_round(rnd, sampled)
+        results: dict[int, ClientResult] = {}
+        down = up = 0
+        losses: dict[int, float] = {}
+        progress.start_clients(rnd, len(sampled))
+        for k in sampled:
+            client = self.clients[k]
+            payload = payloads.get(k)
+            client.receive(payload)
+            down += tensor_bytes(payload) if payload is not None else 0
+            losses[k] = self.fit_client(k, rnd)
+            if self.strategy.collects_uploads:
+                state = client.upload()
+                up += tensor_bytes(state)
+                results[k] = ClientResult(k, state, self.data.num_train(k), {"loss": losses[k]})
+            progress.client_done(k)
+        _, agg_metrics = self.strategy.aggregate(rnd, results)
+        metrics: dict[str, float] = {"round": float(rnd + 1)}
+        finite = [v for v in losses.values() if not math.isnan(v)]
+        metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
+        metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
+        metrics.update({f"server/{k}": v for k, v in agg_metrics.items()})
+        metrics["traffic/down_bytes"] = float(down)
+        metrics["traffic/up_bytes"] = float(up)
+        metrics["traffic/sampled_clients"] = float(len(sampled))
+        fed = self.cfg.federation
+        if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
+            self.last_eval = self.evaluate(rnd)
+            metrics.update(self._eval_metrics(self.last_eval))
+        metrics["time/round_s"] = time.perf_counter() - t0
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, float]]:
+        """Run the remaining rounds (all of them, or up to `stop_after` completed rounds)."""
+        fed = self.cfg.federation
+        if resume:
+            self.load(self.checkpoint_path)
+            for row in self.history:  # the CSV logger starts a fresh file: replay the past
+                self.fabric.log_dict(row, step=int(row["round"]))
+        elif fed.eval_at_start and self.round == 0:
+            row = {"round": 0.0, **self._eval_metrics(self.evaluate(-1))}
+            self.history.append(row)
+            self.fabric.log_dict(row, step=0)
+        last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+        with Progress(fed.rounds, enabled=self.show_progress) as progress:
+            progress.advance_rounds(self.round)
+            for rnd in range(self.round, last):
+                metrics = self.run_round(rnd, progress)
+                self.round = rnd + 1
+                self.history.append(metrics)
+                self.fabric.log_dict(metrics, step=self.round)
+                self._flush_loggers()
+                progress.round_done(metrics)
+                if self.run_dir is not None:
+                    self.save(self.checkpoint_path)
+        self._flush_loggers()
+        return self.history
+
+    def _flush_loggers(self) -> None:
+        for lg in self.fabric.loggers:
+            lg.save()
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError("this federation has no run folder")
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": self.fingerprint,
+            "round": self.round,
+            "strategy": self.strategy.state_dict(),
+            "clients": [c.client_state() for c in self.clients],
+            "sampler": self.sampler.get_state(),
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        save_atomic(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path)
+        if state["fingerprint"] != self.fingerprint:
+            raise CheckpointError(
+                f"{path} was written by a different configuration (fingerprint "
+                f"{state['fingerprint']} != {self.fingerprint}); resume with the run's own config.yaml"
+            )
+        if len(state["clients"]) != len(self.clients):
+            raise CheckpointError(
+                f"{path} holds {len(state['clients'])} clients, config has {len(self.clients)}"
+            )
+        self.strategy.load_state_dict(state["strategy"])
+        for client, cs in zip(self.clients, state["clients"], strict=True):
+            client.load_client_state(cs)
+        self.sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = list(state["history"])
+        self.round = int(state["round"])
+
+    # ---- results -------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        part = self.data.summary()
+        for row in part["clients"]:
+            row["acc"] = self.last_eval.get(row["client"], float("nan"))
+        final = self.history[-1] if self.history else {}
+        total_up = sum(r.get("traffic/up_bytes", 0.0) for r in self.history)
+        total_down = sum(r.get("traffic/down_bytes", 0.0) for r in self.history)
+        return {
+            "rounds_completed": self.round,
+            "clients": part["clients"],
+            "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
+            "traffic": {"up_bytes": total_up, "down_bytes": total_down},
+            "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
+            "config": {
+                "learner": type(self.cfg.learner).__name__,
+                "strategy": type(self.strategy).__name__,
+                "dataset": getattr(self.data.source, "name", type(self.data.source).__name__),
+                "backbone": self.cfg.backbone.model,
+            },
+            "optim": asdict(self.cfg.optim),
+        }

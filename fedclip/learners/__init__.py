@@ -1,0 +1,6 @@
+"""Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
+
+from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.textual import TextualPrompt, ZeroShot
+
+__all__ = ["Batch", "OptimConfig", "PromptLearner", "TextualPrompt", "ZeroShot"]

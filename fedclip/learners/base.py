@@ -1,0 +1,211 @@
+"""PromptLearner: the extension point for prompt-learning methods.
+
+The contract, kept small:
+
+- `setup(clip, classnames, seed)` binds the learner to the shared frozen backbone and the
+  class names, and builds its parameters (deterministic in `seed`).
+- `forward(batch) -> logits (B, C)`, `loss(logits, batch) -> scalar`.
+- `shared_state() -> dict[str, Tensor]`: exactly what is uploaded to the server.
+  `load_shared_state(state)` loads a downloaded global state (same keys and shapes).
+- `receive(extras)`: learner-specific extra downloads (pFedMoAP's experts); the default
+  accepts none.
+- Everything else in the module is personal state: it stays on the client, persists across
+  rounds and is saved in checkpoints.
+
+The backbone is held by reference, never registered as a submodule, so it is neither
+copied, trained, nor written into the learner's state_dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedclip.backbone import FrozenCLIP
+
+
+@dataclass
+class Batch:
+    """One mini-batch: raw images or cached frozen features (or both), labels, sample ids."""
+
+    labels: Tensor  # (B,) int64
+    index: Tensor  # (B,) sample ids in the base data set
+    images: Tensor | None = None  # (B, 3, H, W)
+    features: Tensor | None = None  # (B, D) normalised frozen image features
+
+    def to(self, device: torch.device) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(move(self.labels), move(self.index), move(self.images), move(self.features))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class OptimConfig:
+    """Local optimiser of every client (each client owns its optimizer and scheduler state).
+
+    Args:
+        lr: SGD learning rate of the prompt parameters.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        scheduler: 'cosine' or 'constant'.
+        cosine_span: 'round' restarts the cosine at every round, over that round's local
+            steps (the reference); 'run' decays once over all rounds' local steps.
+    """
+
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    cosine_span: Literal["round", "run"] = "round"
+
+
+def build_sgd(
+    params: list[nn.Parameter],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    scheduler: str,
+    span_steps: int,
+    cosine_span: str,
+    restarts_every: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD plus a per-step scheduler. `restarts_every` is the client's local steps per round,
+    `span_steps` its local steps over the whole run."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if scheduler == "constant":
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    elif cosine_span == "round":
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=max(1, restarts_every)
+        )
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, span_steps))
+    return opt, sched
+
+
+class PromptLearner(nn.Module):
+    """Base class of prompt learners (see the module docstring for the contract).
+
+    Subclasses set `needs_images = True` when they change the image path (then raw images
+    are fed and the frozen feature cache is not used).
+    """
+
+    needs_images: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_clip", None)
+        self.classnames: list[str] = []
+        self._eval_text: Tensor | None = None
+
+    # ---- binding ---------------------------------------------------------------------
+    def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
+        object.__setattr__(self, "_clip", clip)
+        self.classnames = list(classnames)
+
+    @property
+    def clip(self) -> FrozenCLIP:
+        if self._clip is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() was not called")
+        return self._clip
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def train(self, mode: bool = True) -> PromptLearner:
+        self._eval_text = None
+        return super().train(mode)
+
+    # ---- computation -----------------------------------------------------------------
+    def image_features(self, batch: Batch) -> Tensor:
+        """Normalised frozen image features (B, D): cached ones when the batch has them."""
+        if batch.features is not None:
+            return batch.features
+        with torch.no_grad():
+            return self.clip.encode_image(batch.images)
+
+    def text_features(self) -> Tensor:
+        """Normalised class text features (C, D); with gradient to the prompts in training."""
+        raise NotImplementedError
+
+    def class_text_features(self) -> Tensor:
+        """text_features(), computed once per evaluation pass when not training."""
+        if self.training or torch.is_grad_enabled():
+            return self.text_features()
+        if self._eval_text is None:
+            self._eval_text = self.text_features()
+        return self._eval_text
+
+    def forward(self, batch: Batch) -> Tensor:
+        f = self.image_features(batch)  # (B, D)
+        t = self.class_text_features()  # (C, D)
+        return self.clip.logit_scale * f.to(t.dtype) @ t.t()  # (B, C)
+
+    def loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(logits.float(), batch.labels)
+
+    # ---- what travels ------------------------------------------------------------------
+    def shared_keys(self) -> list[str]:
+        """Names (as in state_dict) of the tensors that are uploaded."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def shared_state(self) -> dict[str, Tensor]:
+        sd = self.state_dict()
+        return {k: sd[k].detach().clone() for k in self.shared_keys()}
+
+    @torch.no_grad()
+    def load_shared_state(self, state: dict[str, Tensor]) -> None:
+        keys = set(self.shared_keys())
+        if set(state) != keys:
+            raise ValueError(
+                f"{type(self).__name__}: shared state keys {sorted(state)} != expected {sorted(keys)}"
+            )
+        own = self.state_dict()
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(
+                    f"shared tensor {k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}"
+                )
+            own[k].copy_(v)
+        self._eval_text = None
+
+    def receive(self, extras: dict[str, Any]) -> None:
+        if extras:
+            raise ValueError(
+                f"{type(self).__name__} takes no extra downloads, got {sorted(extras)}"
+            )
+
+    # ---- optimisation ------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def has_trainable(self) -> bool:
+        return any(True for _ in self.trainable_parameters())
+
+    def configure_optimizers(
+        self, optim: OptimConfig, steps_per_round: int, rounds: int
+    ) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        """One (optimizer, per-step scheduler) pair per parameter group that has its own
+        optimiser. The default trains every trainable parameter with `optim`."""
+        return [
+            build_sgd(
+                list(self.trainable_parameters()),
+                optim.lr,
+                optim.momentum,
+                optim.weight_decay,
+                optim.scheduler,
+                steps_per_round * rounds,
+                optim.cosine_span,
+                steps_per_round,
+            )
+        ]

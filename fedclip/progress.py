@@ -1,0 +1,82 @@
+"""Progress of a federation: a rich display of rounds and clients, and one line per round."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def round_line(metrics: dict[str, float], rounds: int) -> str:
+    parts = [f"round {int(metrics['round'])}/{rounds}"]
+    loss = metrics.get("train/loss_mean", float("nan"))
+    if not math.isnan(loss):
+        parts.append(f"loss {loss:.4f}")
+    if "eval/acc_mean" in metrics:
+        parts.append(
+            f"acc {100 * metrics['eval/acc_mean']:.2f}% ± {100 * metrics['eval/acc_std']:.2f} "
+            f"(min {100 * metrics['eval/acc_min']:.2f})"
+        )
+    parts.append(
+        f"up {human_bytes(metrics.get('traffic/up_bytes', 0))} "
+        f"down {human_bytes(metrics.get('traffic/down_bytes', 0))}"
+    )
+    parts.append(f"{metrics.get('time/round_s', 0):.1f} s")
+    return " | ".join(parts)
+
+
+class Progress:
+    """Round and client bars (only on a terminal) plus a log line after every round."""
+
+    def __init__(self, rounds: int, enabled: bool = True, console: Console | None = None) -> None:
+        self.rounds = rounds
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self._bar: RichProgress | None = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled and self.console.is_terminal:
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._bar.start()
+            self._rounds = self._bar.add_task("rounds", total=self.rounds)
+            self._clients = self._bar.add_task("clients", total=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance_rounds(self, n: int) -> None:
+        if self._bar is not None and n:
+            self._bar.advance(self._rounds, n)
+
+    def start_clients(self, rnd: int, m: int) -> None:
+        if self._bar is not None:
+            self._bar.reset(self._clients, total=m, description=f"round {rnd + 1} clients")
+
+    def client_done(self, k: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._clients)
+
+    def round_done(self, metrics: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._rounds)
+        if self.enabled:
+            self.console.log(round_line(metrics, self.rounds))

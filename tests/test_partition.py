@@ -1,0 +1,233 @@
+"""Partitioners: disjoint, covering where promised, deterministic, and strict about arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedclip.data import (
+    IID,
+    Dirichlet,
+    FewShot,
+    Partitioner,
+    Pathological,
+    partition_summary,
+    split_like,
+)
+
+NUM_CLASSES = 20
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    # 1000 samples over 20 classes, unevenly (every class has at least 20 samples).
+    rng = np.random.default_rng(1234)
+    extra = rng.choice(NUM_CLASSES, 600, p=np.linspace(1, 3, NUM_CLASSES) / 40)
+    return np.concatenate([np.repeat(np.arange(NUM_CLASSES), 20), extra])
+
+
+# (id, partitioner factory, covers all samples for this num_clients?)
+CASES = [
+    ("iid", IID, lambda k: True),
+    ("dirichlet", lambda: Dirichlet(alpha=0.5, min_size=5), lambda k: True),
+    ("dirichlet-skewed", lambda: Dirichlet(alpha=0.05, min_size=2), lambda k: True),
+    ("pathological", lambda: Pathological(2), lambda k: k * 2 >= NUM_CLASSES),
+    ("pathological-unbalanced", lambda: Pathological(3, balanced=False), lambda k: k * 3 >= 20),
+    ("pathological-disjoint", lambda: Pathological(2, disjoint=True), lambda k: k * 2 == 20),
+    ("fewshot", lambda: FewShot(4), lambda k: False),
+    ("fewshot-dirichlet", lambda: FewShot(3, Dirichlet(0.3, min_size=1)), lambda k: False),
+    ("fewshot-disjoint", lambda: FewShot(8, Pathological(2, disjoint=True)), lambda k: False),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("num_clients", [1, 5, 10])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_disjoint_sorted_and_covering(case, num_clients, labels):
+    _, make, covers = case
+    parts = make()(labels, num_clients, seed=0)
+    assert len(parts) == num_clients
+    for p in parts:
+        assert p.dtype == np.int64 and p.ndim == 1
+        assert np.all(np.diff(p) > 0), "sorted ascending, no repeats"
+        assert p.size == 0 or (p.min() >= 0 and p.max() < len(labels))
+    together = np.concatenate(parts)
+    assert len(np.unique(together)) == len(together), "clients must not share samples"
+    if covers(num_clients):
+        assert len(together) == len(labels)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("seed", [0, 7])
+def test_deterministic_per_seed(case, seed, labels):
+    _, make, _ = case
+    a = make()(labels, 5, seed)
+    b = make()(labels, 5, seed)  # a fresh instance: no state carried between calls
+    c = make()(labels, 5, seed + 1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_no_global_rng(labels):
+    np.random.seed(0)
+    a = Dirichlet(0.5)(labels, 5, seed=3)
+    np.random.seed(99)
+    np.random.rand(10)
+    b = Dirichlet(0.5)(labels, 5, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_iid_near_equal(labels):
+    sizes = [len(p) for p in IID()(labels, 7, seed=0)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(labels)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dirichlet_min_size_and_skew(seed, labels):
+    parts = Dirichlet(alpha=0.1, min_size=30)(labels, 10, seed)
+    assert min(len(p) for p in parts) >= 30
+    counts = partition_summary(parts, labels, NUM_CLASSES)
+    # Strong skew: most clients hold few of the classes in any quantity.
+    assert np.median((counts >= 5).sum(axis=1)) < NUM_CLASSES / 2
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("num_clients,per_client", [(10, 2), (7, 3), (30, 2), (4, 5)])
+def test_pathological_classes(num_clients, per_client, balanced, labels):
+    parts = Pathological(per_client, balanced=balanced)(labels, num_clients, seed=1)
+    counts = partition_summary(parts, labels, NUM_CLASSES)
+    assert np.all((counts > 0).sum(axis=1) == per_client)
+    assert np.all((counts > 0).sum(axis=0) >= 1), "every class has an owner"
+    owners = (counts > 0).sum(axis=0)
+    assert owners.max() - owners.min() <= 1
+    if balanced:  # the owners of a class get near-equal shares
+        for c in range(NUM_CLASSES):
+            shares = counts[counts[:, c] > 0, c]
+            assert shares.max() - shares.min() <= 1
+
+
+def test_pathological_disjoint_classes(labels):
+    parts = Pathological(3, disjoint=True)(labels, 6, seed=2)
+    held = (partition_summary(parts, labels, NUM_CLASSES) > 0).astype(int)
+    assert np.all(held.sum(axis=1) == 3)
+    assert held.sum(axis=0).max() == 1, "no class is shared"
+    for p in parts:  # a client gets all the samples of its classes
+        for c in np.unique(labels[p]):
+            assert np.array_equal(p[labels[p] == c], np.flatnonzero(labels == c))
+
+
+@pytest.mark.parametrize("inner", [None, Dirichlet(0.5, min_size=5), Pathological(2)])
+def test_fewshot_caps_shots(inner, labels):
+    parts = FewShot(shots=6, inner=inner)(labels, 10, seed=0)
+    counts = partition_summary(parts, labels, NUM_CLASSES)
+    assert counts.max() <= 6
+    full = FewShot(shots=10**6, inner=inner)(labels, 10, seed=0)  # same inner draw, no cap
+    full_counts = partition_summary(full, labels, NUM_CLASSES)
+    np.testing.assert_array_equal(counts, np.minimum(full_counts, 6))
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda: Dirichlet(alpha=0.0), "alpha"),
+        (lambda: Dirichlet(alpha=-1), "alpha"),
+        (lambda: Dirichlet(min_size=-1), "min_size"),
+        (lambda: Dirichlet(max_tries=0), "max_tries"),
+        (lambda: Pathological(classes_per_client=0), "classes_per_client"),
+        (lambda: FewShot(shots=0), "shots"),
+    ],
+)
+def test_bad_constructor_args(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+def test_fewshot_inner_must_be_partitioner():
+    with pytest.raises(TypeError, match="inner"):
+        FewShot(inner="iid")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "partitioner,num_clients,arg",
+    [
+        (Dirichlet(min_size=200), 10, "min_size"),  # 200 x 10 > 1000 samples
+        (Dirichlet(alpha=1e-3, min_size=90, max_tries=3), 10, "min_size"),  # cannot be met
+        (Pathological(classes_per_client=21), 3, "classes_per_client"),
+        (Pathological(classes_per_client=3, disjoint=True), 7, "disjoint"),
+        (Pathological(classes_per_client=20), 100, "num_clients"),  # 100 owners per class
+        (IID(), 1001, "num_clients"),
+        (FewShot(2, Pathological(21)), 2, "classes_per_client"),
+    ],
+)
+def test_infeasible(partitioner, num_clients, arg, labels):
+    with pytest.raises(ValueError, match=arg):
+        partitioner(labels, num_clients, seed=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bad_call_args(case, labels):
+    p: Partitioner = case[1]()
+    with pytest.raises(ValueError, match="num_clients"):
+        p(labels, 0, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        p(labels.reshape(100, 10), 2, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        p(labels.astype(float), 2, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        p(labels - 1, 2, seed=0)
+
+
+def test_split_like_hand_example():
+    # Train: client 0 holds class 0 x3 and class 1 x1; client 1 holds class 0 x1 and class 1 x2;
+    # client 2 holds class 3 x2. Nobody holds class 2 or class 4.
+    train_labels = np.array([0, 0, 0, 1, 0, 1, 1, 3, 3, 2])
+    train_parts = [np.array([0, 1, 2, 3]), np.array([4, 5, 6]), np.array([7, 8])]
+    # Test: class 0 x8, class 1 x4, class 2 x3, class 3 x2, class 4 x1.
+    test_labels = np.array([0] * 8 + [1] * 4 + [2] * 3 + [3] * 2 + [4])
+    parts = split_like(train_parts, train_labels, test_labels, seed=0)
+    counts = partition_summary(parts, test_labels, 5)
+    # class 0: 8 x 3/4 = 6, 8 x 1/4 = 2.
+    # class 1: 4 x 1/3 = 1.33, 4 x 2/3 = 2.67 -> floors 1, 2; the left-over unit goes to the
+    # larger remainder (client 1) -> 1, 3.
+    # class 3: all 2 to client 2. Classes 2 and 4: unassigned.
+    expected = np.array([[6, 1, 0, 0, 0], [2, 3, 0, 0, 0], [0, 0, 0, 2, 0]])
+    np.testing.assert_array_equal(counts, expected)
+    together = np.concatenate(parts)
+    assert len(np.unique(together)) == len(together)
+    assert not np.isin(np.flatnonzero(np.isin(test_labels, [2, 4])), together).any()
+    for p in parts:
+        assert p.dtype == np.int64 and np.all(np.diff(p) > 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_like_follows_train_distribution(seed, labels):
+    rng = np.random.default_rng(seed)
+    test_labels = rng.permutation(np.repeat(np.arange(NUM_CLASSES), 50))
+    train_parts = Pathological(3)(labels, 8, seed)  # 24 slots: 4 classes shared by two clients
+    test_parts = split_like(train_parts, labels, test_labels, seed)
+    train_counts = partition_summary(train_parts, labels, NUM_CLASSES)
+    test_counts = partition_summary(test_parts, test_labels, NUM_CLASSES)
+    np.testing.assert_array_equal(test_counts > 0, train_counts > 0)
+    assert np.all(test_counts.sum(axis=0) == 50), "every class held in train is fully assigned"
+    exact = 50 * train_counts / train_counts.sum(axis=0, keepdims=True)
+    assert np.abs(test_counts - exact).max() < 1
+    together = np.concatenate(test_parts)
+    assert len(np.unique(together)) == len(together)
+    again = split_like(train_parts, labels, test_labels, seed)
+    assert all(np.array_equal(a, b) for a, b in zip(test_parts, again, strict=True))
+
+
+def test_split_like_rejects_bad_parts(labels):
+    with pytest.raises(ValueError, match="train_parts"):
+        split_like([np.array([0, len(labels)])], labels, labels, seed=0)
+
+
+def test_partition_summary():
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    counts = partition_summary(
+        [np.array([0, 1, 3]), np.array([2, 4, 5]), np.array([])], labels, num_classes=4
+    )
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, [[1, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="num_classes"):
+        partition_summary([np.array([3])], labels, num_classes=2)
