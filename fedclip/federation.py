@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ from fedclip.progress import Progress
 from fedclip.strategies.base import ClientResult, Payload
 
 log = logging.getLogger(__name__)
+# On resume the CSV logger starts its file anew and the checkpointed history is replayed
+# into it, so its warning about replacing the old file does not apply.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def tensor_bytes(obj: Any) -> int:

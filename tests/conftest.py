@@ -1,0 +1,48 @@
+"""Shared fixtures: fedclip's tiny random-weight open_clip architectures and small configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedclip.backbone import BackboneConfig, load_backbone
+from fedclip.config import FabricConfig, FederationConfig, FitConfig
+from fedclip.data import IID, Shapes
+from fedclip.data.federated import DataConfig
+from fedclip.learners import OptimConfig, TextualPrompt
+from fedclip.strategies import FedAvg
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    return load_backbone(BackboneConfig(model="fedclip-tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rn():
+    return load_backbone(BackboneConfig(model="fedclip-tiny-rn"))
+
+
+def small_config(**over) -> FitConfig:
+    """2 clients, 2 rounds, 4 classes of Shapes at 32 px: seconds on a CPU."""
+    cfg = FitConfig(
+        seed=over.pop("seed", 0),
+        backbone=BackboneConfig(model=over.pop("model", "fedclip-tiny-vit")),
+        learner=over.pop("learner", TextualPrompt(n_ctx=4)),
+        strategy=over.pop("strategy", FedAvg()),
+        data=DataConfig(
+            dataset=Shapes(num_classes=4, train_per_class=12, test_per_class=6, image_size=32),
+            partitioner=over.pop("partitioner", IID()),
+            num_clients=over.pop("num_clients", 2),
+            batch_size=8,
+            augment=over.pop("augment", False),
+        ),
+        federation=FederationConfig(
+            rounds=over.pop("rounds", 2),
+            fraction=over.pop("fraction", 1.0),
+            local_epochs=over.pop("local_epochs", 1),
+        ),
+        optim=OptimConfig(lr=over.pop("lr", 0.05)),
+        fabric=FabricConfig(accelerator="cpu"),
+    )
+    assert not over, f"unknown overrides {over}"
+    return cfg

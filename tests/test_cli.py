@@ -1,0 +1,197 @@
+"""`fedclip` end to end: fit, resume, evaluate, bad input (exit code 2, one line)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedclip.checkpoint import load_checkpoint
+from fedclip.cli import build_fit_config, fit_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+seed: 3
+backbone: {model: fedclip-tiny-vit}
+learner:
+  class_path: fedclip.learners.TextualPrompt
+  init_args: {n_ctx: 4}
+data:
+  dataset:
+    class_path: fedclip.data.Shapes
+    init_args: {num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32}
+  partitioner: {class_path: fedclip.data.IID}
+  num_clients: 2
+  batch_size: 8
+federation: {rounds: 2, local_epochs: 1}
+fabric: {accelerator: cpu}
+"""
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real command in a fresh process (the console script's module)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedclip.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_here(capsys, *args: str) -> tuple[int, str, str]:
+    """The same entry point in this process (no interpreter start-up per case)."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def tiny_yaml(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_fit_resume_evaluate(tmp_path, tiny_yaml, capsys):
+    out = run(
+        "fit",
+        "--config",
+        str(tiny_yaml),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "e2e",
+        "--progress",
+        "false",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "runs" / "e2e"
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert [float(r["round"]) for r in rows] == [0.0, 1.0, 2.0]
+    assert {"eval/acc_mean", "client/0/acc", "client/1/acc", "traffic/up_bytes"} <= set(rows[0])
+    assert 0 <= float(rows[-1]["eval/acc_mean"]) <= 1
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["round"] == 2
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["learner"]["init_args"]["n_ctx"] == 4
+    assert saved["run_name"] == "e2e"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "curves.png").stat().st_size > 0
+    assert "client" in out.stdout and "mean" in out.stdout  # the per-client table
+
+    # same run folder again without --resume: refused, nothing overwritten
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    code, _, err = run_here(
+        capsys,
+        "fit",
+        "--config",
+        str(tiny_yaml),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "e2e",
+    )
+    assert code == 2 and "--resume" in err
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+    # resume the saved run for one more round
+    code, _, err = run_here(
+        capsys,
+        "fit",
+        "--config",
+        str(run_dir / "config.yaml"),
+        "--federation.rounds",
+        "3",
+        "--resume",
+        "true",
+        "--progress",
+        "false",
+    )
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["round"] == 3
+    rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    assert [float(r["round"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
+
+    code, out, err = run_here(capsys, "evaluate", "--run_dir", str(run_dir))
+    assert code == 0, err
+    assert (run_dir / "eval.json").is_file() and "evaluation after round 3" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--learner.init_args.n_ctxx", "3"], "n_ctxx"),
+        (["--federation.roundz", "3"], "roundz"),
+        (["--federation.rounds", "many"], "federation.rounds"),
+        (["--federation.fraction", "0"], "fraction"),
+        (["--strategy", "fedclip.strategies.FedAvgg"], "FedAvgg"),
+        (["--backbone.model", "ViT-Q-99"], "ViT-Q-99"),
+        (["--learner.init_args.n_ctx", "0"], "n_ctx"),
+        (["--data.partitioner.init_args.alpha", "0"], "alpha"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_yaml, capsys, args, needle):
+    code, _, stderr = run_here(
+        capsys,
+        "fit",
+        "--config",
+        str(tiny_yaml),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "bad",
+        *args,
+    )
+    assert code == 2, stderr
+    err = [line for line in stderr.splitlines() if "error" in line]
+    assert len(err) == 1 and needle in err[0], stderr
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_bad_yaml_key_in_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("federation:\n  roundz: 3\n")
+    code, _, err = run_here(capsys, "fit", "--config", str(path))
+    assert code == 2 and "roundz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_root_is_one_line(tmp_path, tiny_yaml, capsys):
+    code, _, err = run_here(
+        capsys,
+        "fit",
+        "--config",
+        str(tiny_yaml),
+        "--data.dataset",
+        "fedclip.data.CIFAR100",
+        "--data.dataset.init_args.root",
+        str(tmp_path / "nodata"),
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "CIFAR-100" in err and "nodata" in err and "download" in err
+
+
+def test_print_config(tiny_yaml, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(tiny_yaml), "--learner.n_ctx", "7", "--print_config"])
+    assert done.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["learner"]["init_args"]["n_ctx"] == 7
+
+
+def test_unknown_command(capsys):
+    assert main(["train"]) == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    if path.parent.name == "sweeps":
+        pytest.skip("sweep files are W&B sweep definitions, not fit configs")
+    parser = fit_parser()
+    cfg, plain = build_fit_config(parser, parser.parse_args(["--config", str(path)]))
+    assert cfg.federation.rounds >= 1 and plain["learner"]["class_path"]

@@ -1,0 +1,67 @@
+"""Strategies: FedAvg against hand-computed means, local-only, FedProx."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedclip.strategies import ClientResult, FedAvg, FedProx, LocalOnly, weighted_average
+
+
+def _result(k: int, value: list[float], n: int) -> ClientResult:
+    return ClientResult(k, {"ctx": torch.tensor(value), "step": torch.tensor(float(k))}, n)
+
+
+def test_fedavg_weighted_by_sample_counts():
+    s = FedAvg()
+    s.initialize({"ctx": torch.zeros(2), "step": torch.tensor(0.0)}, num_clients=3, seed=0)
+    results = {0: _result(0, [1.0, 2.0], 10), 2: _result(2, [4.0, -1.0], 30)}
+    state, metrics = s.aggregate(0, results)
+    # (10 * [1, 2] + 30 * [4, -1]) / 40 = [3.25, -0.25]
+    torch.testing.assert_close(state["ctx"], torch.tensor([3.25, -0.25]))
+    torch.testing.assert_close(state["step"], torch.tensor(1.5))
+    assert metrics["aggregated_clients"] == 2
+    payloads = s.configure_round(1, [0, 1])
+    assert set(payloads) == {0, 1} and payloads[1].state is s.global_state
+
+
+def test_fedavg_unweighted():
+    s = FedAvg(weighted=False)
+    s.initialize({"ctx": torch.zeros(2), "step": torch.tensor(0.0)}, 3, 0)
+    state, _ = s.aggregate(0, {0: _result(0, [1.0, 2.0], 10), 1: _result(1, [4.0, -1.0], 30)})
+    torch.testing.assert_close(state["ctx"], torch.tensor([2.5, 0.5]))
+
+
+def test_fedavg_keeps_state_when_nobody_returns():
+    s = FedAvg()
+    init = {"ctx": torch.ones(3)}
+    s.initialize(init, 2, 0)
+    state, metrics = s.aggregate(0, {})
+    torch.testing.assert_close(state["ctx"], torch.ones(3))
+    assert metrics["aggregated_clients"] == 0
+
+
+def test_weighted_average_keeps_dtype_and_rejects_bad_weights():
+    a = {"w": torch.tensor([1.0], dtype=torch.bfloat16)}
+    b = {"w": torch.tensor([3.0], dtype=torch.bfloat16)}
+    out = weighted_average([a, b], [1, 1])
+    assert out["w"].dtype == torch.bfloat16 and float(out["w"]) == 2.0
+    with pytest.raises(ValueError, match="sum to > 0"):
+        weighted_average([a, b], [0, 0])
+
+
+def test_local_only_sends_nothing():
+    s = LocalOnly()
+    s.initialize({"ctx": torch.zeros(2)}, 2, 0)
+    assert not s.collects_uploads
+    assert all(p.state is None for p in s.configure_round(0, [0, 1]).values())
+    assert all(p.state is None for p in s.configure_evaluate(0, [0, 1]).values())
+    assert s.aggregate(0, {})[0] is None
+
+
+def test_fedprox_payload_and_argument_check():
+    s = FedProx(mu=0.1)
+    s.initialize({"ctx": torch.zeros(2)}, 2, 0)
+    assert s.configure_round(0, [1])[1].extras == {"proximal_mu": 0.1}
+    with pytest.raises(ValueError, match="mu must be >= 0"):
+        FedProx(mu=-1)
