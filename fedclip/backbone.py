@@ -48,7 +48,8 @@ class BackboneConfig:
     Args:
         model: open_clip architecture name, e.g. ViT-B-16-quickgelu, RN50, fedclip-tiny-vit.
         pretrained: open_clip pretrained tag (openai, laion2b_s34b_b79k, ...), a local
-            checkpoint file, or null for random weights (offline tests and demos only).
+            checkpoint file, 'shapes' (fedclip's tiny models pre-trained offline on the
+            built-in Shapes data, for the demo), or null for random weights (tests only).
         force_quick_gelu: use QuickGELU activations (needed by the openai weights when the
             model name has no -quickgelu suffix).
         cache_dir: where open_clip stores downloaded weights (default: its own cache).
@@ -83,6 +84,10 @@ def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     tag = cfg.pretrained
     if tag is None or tag == "" or str(tag).lower() in {"none", "null", "random"}:
         return None
+    from fedclip import tiny
+
+    if tag == tiny.TAG:
+        return tiny.shapes_weights(cfg.model, cfg.cache_dir)
     if open_clip.get_pretrained_cfg(cfg.model, tag):
         return tag
     path = Path(os.path.expanduser(tag))

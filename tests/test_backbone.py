@@ -146,3 +146,20 @@ def test_download_failure_is_one_clear_line(monkeypatch):
         FrozenCLIP.from_config(BackboneConfig(model="ViT-B-16", pretrained="openai"))
     msg = str(err.value)
     assert "\n" not in msg and "backbone.pretrained" in msg and "local path" in msg
+
+
+def test_shapes_pretraining_tag(tmp_path, monkeypatch):
+    from fedclip import tiny
+
+    monkeypatch.setenv("FEDCLIP_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny, "STEPS", 3)
+    path = tiny.shapes_weights("fedclip-tiny-rn")
+    assert path == str(tmp_path / "fedclip-tiny-rn-shapes-v1.pt")
+    first = torch.load(path, weights_only=True)
+    again = tiny.pretrain("fedclip-tiny-rn", steps=3)
+    for k in first:  # deterministic in the seed
+        torch.testing.assert_close(first[k], again[k])
+    clip = FrozenCLIP.from_config(BackboneConfig(model="fedclip-tiny-rn", pretrained="shapes"))
+    torch.testing.assert_close(clip.model.state_dict()["logit_scale"], first["logit_scale"])
+    with pytest.raises(BackboneError, match="only for fedclip-tiny"):
+        tiny.shapes_weights("ViT-B-16")
