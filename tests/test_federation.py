@@ -184,3 +184,17 @@ def test_learning_improves_accuracy_on_its_own_data():
     hist = fed.fit()
     losses = [r["train/loss_mean"] for r in hist[1:]]
     assert losses[-1] < losses[0]
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = small_config(rounds=1)
+    cfg.logger.wandb = True
+    fed = Federation(cfg, tmp_path / "wb", show_progress=False)
+    fed.fit()
+    for lg in fed.fabric.loggers:
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
+            lg.experiment.finish()
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
