@@ -215,7 +215,10 @@ class FrozenCLIP(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.encode_text(["a"]).shape[-1])
+        """D, the joint embedding width (read once from a frozen text pass)."""
+        if getattr(self, "_embed_dim", None) is None:
+            self._embed_dim = int(self.encode_text(["a"]).shape[-1])
+        return self._embed_dim
 
     @property
     def text_width(self) -> int:
