@@ -94,7 +94,10 @@ class ClientModule(L.LightningModule):
     def client_state(self) -> dict[str, Any]:
         pairs = self.optimizer_pairs or []
         return {
-            "learner": {k: v.detach().cpu() for k, v in self.learner.state_dict().items()},
+            "learner": {
+                k: v.detach().cpu() if isinstance(v, Tensor) else v
+                for k, v in self.learner.state_dict().items()
+            },
             "optimizers": [o.state_dict() for o, _ in pairs],
             "schedulers": [s.state_dict() for _, s in pairs],
         }

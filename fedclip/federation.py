@@ -94,6 +94,7 @@ class Federation:
             raise ValueError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
         if cfg.fabric.devices != 1:
             raise ValueError("fabric.devices must be 1: clients are simulated on one device")
+        cfg.strategy.check_learner(cfg.learner)
 
         loggers = []
         if self.run_dir is not None:

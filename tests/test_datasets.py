@@ -192,18 +192,6 @@ def write_cifar100(root: Path) -> dict[str, tuple[np.ndarray, list[int], list[in
     return out
 
 
-@pytest.fixture
-def skip_md5(monkeypatch):
-    # torchvision verifies every CIFAR file against the md5 of the published archive, which the
-    # tiny fakes cannot match. Its CIFAR code checks files with the module-level check_integrity
-    # (both the batches, via CIFAR10._check_integrity, and the meta file, in _load_meta), so
-    # make that test only that the file exists: patching _check_integrity alone would still fail
-    # on the meta file, and "exists" keeps the missing-data path real.
-    monkeypatch.setattr(
-        torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
-    )
-
-
 def check_image(image, row: np.ndarray) -> None:
     assert image.mode == "RGB" and image.size == (32, 32)
     planes = row.reshape(3, 32, 32)  # (C, H, W)
@@ -244,6 +232,8 @@ def test_cifar100(tmp_path, skip_md5):
             image, label = ds[i]
             assert label == fine[i]
             np.testing.assert_array_equal(image, data[i].reshape(3, 32, 32).transpose(1, 2, 0))
+    present = set(truth["train"][1]) | set(truth["test"][1])
+    assert src.class_groups == [FINE_TO_COARSE[c] if c in present else -1 for c in range(5)]
     sub = IndexedSubset(src.dataset("test", None), [4, 1])
     assert [sub[j][1:] for j in range(2)] == [(truth["test"][1][4], 4), (truth["test"][1][1], 1)]
 

@@ -11,11 +11,13 @@ from fedclip.data import (
     FewShot,
     Partitioner,
     Pathological,
+    TwoLevelDirichlet,
     partition_summary,
     split_like,
 )
 
 NUM_CLASSES = 20
+GROUPS = [c // 4 for c in range(NUM_CLASSES)]  # 5 groups of 4 classes
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,8 @@ CASES = [
     ("pathological", lambda: Pathological(2), lambda k: k * 2 >= NUM_CLASSES),
     ("pathological-unbalanced", lambda: Pathological(3, balanced=False), lambda k: k * 3 >= 20),
     ("pathological-disjoint", lambda: Pathological(2, disjoint=True), lambda k: k * 2 == 20),
+    ("two-level", lambda: TwoLevelDirichlet(0.5, 10.0, GROUPS), lambda k: True),
+    ("two-level-skewed", lambda: TwoLevelDirichlet(0.05, 1.0, GROUPS), lambda k: True),
     ("fewshot", lambda: FewShot(4), lambda k: False),
     ("fewshot-dirichlet", lambda: FewShot(3, Dirichlet(0.3, min_size=1)), lambda k: False),
     ("fewshot-disjoint", lambda: FewShot(8, Pathological(2, disjoint=True)), lambda k: False),
@@ -135,6 +139,10 @@ def test_fewshot_caps_shots(inner, labels):
         (lambda: Dirichlet(max_tries=0), "max_tries"),
         (lambda: Pathological(classes_per_client=0), "classes_per_client"),
         (lambda: FewShot(shots=0), "shots"),
+        (lambda: TwoLevelDirichlet(beta=0), "beta"),
+        (lambda: TwoLevelDirichlet(alpha=float("inf")), "alpha"),
+        (lambda: TwoLevelDirichlet(groups=[]), "groups"),
+        (lambda: TwoLevelDirichlet(groups=[0, -1]), "groups"),
     ],
 )
 def test_bad_constructor_args(make, arg):
@@ -157,6 +165,8 @@ def test_fewshot_inner_must_be_partitioner():
         (Pathological(classes_per_client=20), 100, "num_clients"),  # 100 owners per class
         (IID(), 1001, "num_clients"),
         (FewShot(2, Pathological(21)), 2, "classes_per_client"),
+        (TwoLevelDirichlet(groups=[0] * 10), 2, "groups cover 10 classes"),
+        (TwoLevelDirichlet(), 2, "no class groups"),
     ],
 )
 def test_infeasible(partitioner, num_clients, arg, labels):
@@ -231,3 +241,35 @@ def test_partition_summary():
     np.testing.assert_array_equal(counts, [[1, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 0]])
     with pytest.raises(ValueError, match="num_classes"):
         partition_summary([np.array([3])], labels, num_classes=2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_level_concentrates_on_few_groups(seed, labels):
+    """Small beta: each client's samples sit in few groups; large alpha: classes inside a
+    group are spread fairly evenly. Sizes are near-equal (N // K, remainder to the first)."""
+    parts = TwoLevelDirichlet(beta=0.1, alpha=100.0, groups=GROUPS)(labels, 10, seed)
+    assert sorted(len(p) for p in parts) == [100] * 10
+    counts = partition_summary(parts, labels, NUM_CLASSES)  # (K, C)
+    by_group = counts.reshape(10, 5, 4).sum(-1)  # (K, G)
+    top = np.sort(by_group, axis=1)[:, -2:].sum(1) / by_group.sum(1)
+    assert np.median(top) > 0.8  # most clients: two groups hold most of their data
+    flat = Dirichlet(alpha=100.0, min_size=1)(labels, 10, seed)
+    flat_groups = partition_summary(flat, labels, NUM_CLASSES).reshape(10, 5, 4).sum(-1)
+    assert np.median(np.sort(flat_groups, axis=1)[:, -2:].sum(1) / flat_groups.sum(1)) < 0.6
+
+
+def test_two_level_takes_the_data_sets_groups(labels):
+    from fedclip.data import Shapes
+
+    bound = TwoLevelDirichlet(0.5).bind(Shapes(num_classes=10))
+    assert bound.groups == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]  # by shape: circle, square, ...
+    own = TwoLevelDirichlet(0.5, groups=GROUPS)
+    assert own.bind(Shapes(num_classes=10)) is own  # given groups win
+    inner = FewShot(2, TwoLevelDirichlet(0.5)).bind(Shapes(num_classes=10))
+    assert inner.inner.groups == bound.groups
+
+    class NoGroups:
+        class_groups = None
+
+    with pytest.raises(ValueError, match="has no class groups"):
+        TwoLevelDirichlet().bind(NoGroups())

@@ -14,6 +14,7 @@ from fedclip.data.partition import (
     FewShot,
     Partitioner,
     Pathological,
+    TwoLevelDirichlet,
     partition_summary,
     split_like,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "FewShot",
     "Partitioner",
     "Pathological",
+    "TwoLevelDirichlet",
     "partition_summary",
     "split_like",
 ]

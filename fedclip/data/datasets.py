@@ -67,6 +67,11 @@ class DatasetSource(abc.ABC):
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    @property
+    def class_groups(self) -> list[int] | None:
+        """Group id of every class (e.g. CIFAR-100's superclasses), or None: no grouping."""
+        return None
+
     def key(self, split: str) -> str:
         """Stable identity of a split: the name plus every argument that changes its content."""
         _check_split(split)
@@ -280,6 +285,11 @@ class Shapes(DatasetSource):
         _check_split(split)
         return self.train_per_class if split == "train" else self.test_per_class
 
+    @property
+    def class_groups(self) -> list[int]:
+        """Classes grouped by shape (all the circles, all the squares, ...)."""
+        return [SHAPES.index(shapes_combination(c)[1]) for c in range(self._num_classes)]
+
     def labels(self, split: str) -> np.ndarray:
         n = self._num_classes * self._per_class(split)
         return np.arange(n, dtype=np.int64) % self._num_classes
@@ -396,6 +406,15 @@ class CIFAR100(_CIFAR):
                 entry = pickle.load(f, encoding="latin1")
             self._coarse[split] = np.asarray(entry["coarse_labels"], dtype=np.int64)
         return self._coarse[split]
+
+    @property
+    def class_groups(self) -> list[int]:
+        """Superclass of every fine class, read from the labels (-1 for a class with no
+        image in either split)."""
+        groups = np.full(len(self.classnames), -1, dtype=np.int64)
+        for split in ("test", "train"):
+            groups[self.labels(split)] = self.coarse_labels(split)
+        return groups.tolist()
 
     @property
     def coarse_classnames(self) -> list[str]:

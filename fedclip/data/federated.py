@@ -23,7 +23,7 @@ class DataConfig:
         dataset: the data set (class_path + init_args), e.g. fedclip.data.Shapes,
             fedclip.data.CIFAR100.
         partitioner: how training samples are split among clients (fedclip.data.IID,
-            Dirichlet, Pathological, FewShot). Each client's test split follows its
+            Dirichlet, TwoLevelDirichlet, Pathological, FewShot). Each client's test split follows its
             training label distribution.
         num_clients: number of simulated clients.
         batch_size: local training batch size.
@@ -66,7 +66,8 @@ class FederatedData:
         self.classnames = list(self.source.classnames)
         self.train_labels = np.asarray(self.source.labels("train"), dtype=np.int64)
         self.test_labels = np.asarray(self.source.labels("test"), dtype=np.int64)
-        self.train_parts = cfg.partitioner(self.train_labels, cfg.num_clients, seed)
+        self.partitioner = cfg.partitioner.bind(self.source)
+        self.train_parts = self.partitioner(self.train_labels, cfg.num_clients, seed)
         self.test_parts = split_like(self.train_parts, self.train_labels, self.test_labels, seed)
         self.train_set = self.test_set = None
         self.clip = None

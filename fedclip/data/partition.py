@@ -7,6 +7,7 @@ what ran before it. Every partitioner returns disjoint, sorted int64 index array
 
 - `IID`: shuffle and cut into near-equal parts.
 - `Dirichlet`: label skew, per-class client proportions drawn from Dir(alpha).
+- `TwoLevelDirichlet`: label skew over class groups, then inside each group (CIFAR-100).
 - `Pathological`: each client sees only `classes_per_client` classes.
 - `FewShot`: any partition above, then at most `shots` samples per class per client.
 
@@ -83,6 +84,11 @@ class Partitioner(abc.ABC):
         parts = self._split(labels, num_clients, rng)
         assert len(parts) == num_clients, f"{type(self).__name__} returned {len(parts)} parts"
         return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+    def bind(self, source) -> Partitioner:
+        """This partitioner completed from the data set it will split (e.g. its class groups);
+        the default needs nothing and returns itself."""
+        return self
 
     def _check(self, labels: np.ndarray, num_clients: int) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if this partitioner cannot split `labels` among `num_clients`."""
@@ -267,6 +273,10 @@ class FewShot(Partitioner):
         self.shots = int(shots)
         self.inner = IID() if inner is None else inner
 
+    def bind(self, source) -> FewShot:
+        inner = self.inner.bind(source)
+        return self if inner is self.inner else FewShot(self.shots, inner)
+
     def _check(self, labels: np.ndarray, num_clients: int) -> None:
         self.inner._check(labels, num_clients)
 
@@ -283,6 +293,96 @@ class FewShot(Partitioner):
                     idx = rng.choice(idx, self.shots, replace=False)
                 kept.append(idx)
             parts.append(np.concatenate(kept) if kept else np.empty(0, np.int64))
+        return parts
+
+
+class TwoLevelDirichlet(Partitioner):
+    """Two-level label skew over class groups (pFedMoAP's CIFAR-100 "labeldir100").
+
+    The classes form groups (CIFAR-100's 20 superclasses of 5 classes each). Every client
+    draws group weights w ~ Dir(beta) over the groups and, inside each group g, class
+    weights v_g ~ Dir(alpha) over its classes, so a client's label distribution is
+    p(c) = w_{g(c)} * v_{g(c)}(c): few superclasses, fairly even classes inside them (the
+    Pachinko allocation of Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+    Clients then take N // num_clients samples each (the first N mod num_clients one more),
+    in turn, drawn without replacement: when a class runs out, its weight is spread over
+    the client's classes that remain, as in the reference. Covers all samples.
+
+    Args:
+        beta: concentration over the groups, > 0 (0.5 in pFedMoAP's CIFAR-100 runs).
+        alpha: concentration over the classes inside a group, > 0 (10 in the reference).
+        groups: group id of every class (index = class label). None takes the data set's own
+            grouping (`class_groups`, e.g. CIFAR-100's superclasses).
+    """
+
+    def __init__(self, beta: float = 0.5, alpha: float = 10.0, groups: list[int] | None = None):
+        for name, value in (("beta", beta), ("alpha", alpha)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"TwoLevelDirichlet: {name} must be > 0 and finite, got {value}")
+        if groups is not None and (len(groups) == 0 or min(groups) < 0):
+            raise ValueError("TwoLevelDirichlet: groups must be a non-empty list of ids >= 0")
+        self.beta = float(beta)
+        self.alpha = float(alpha)
+        self.groups = None if groups is None else [int(g) for g in groups]
+
+    def bind(self, source) -> TwoLevelDirichlet:
+        """Takes the data set's `class_groups` when no groups were given."""
+        if self.groups is not None:
+            return self
+        groups = getattr(source, "class_groups", None)
+        if groups is None:
+            raise ValueError(
+                f"TwoLevelDirichlet: data set {type(source).__name__} has no class groups; "
+                "give the group of every class in partitioner.init_args.groups"
+            )
+        return TwoLevelDirichlet(self.beta, self.alpha, list(groups))
+
+    def _check(self, labels: np.ndarray, num_clients: int) -> None:
+        if self.groups is None:
+            raise ValueError(
+                "TwoLevelDirichlet: no class groups (set groups, or use a data set that has "
+                "them, like CIFAR100)"
+            )
+        if labels.size and labels.max() >= len(self.groups):
+            raise ValueError(
+                f"TwoLevelDirichlet: groups cover {len(self.groups)} classes but labels go up "
+                f"to {labels.max()}"
+            )
+        if num_clients > len(labels):
+            raise ValueError(
+                f"TwoLevelDirichlet: num_clients={num_clients} exceeds the number of samples "
+                f"{len(labels)}"
+            )
+
+    def _split(
+        self, labels: np.ndarray, num_clients: int, rng: np.random.Generator
+    ) -> list[np.ndarray]:
+        num_classes = len(self.groups)
+        group_of = np.asarray(self.groups, dtype=np.int64)  # (C,)
+        group_ids = np.unique(group_of)
+        pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)]
+        left = np.array([len(p) for p in pools], dtype=np.int64)  # (C,)
+        sizes = [len(a) for a in np.array_split(np.arange(len(labels)), num_clients)]
+        parts = []
+        for need in sizes:
+            p = np.zeros(num_classes)
+            w = rng.dirichlet(np.full(len(group_ids), self.beta))  # (G,)
+            for g, wg in zip(group_ids, w, strict=True):
+                members = np.flatnonzero(group_of == g)
+                p[members] = wg * rng.dirichlet(np.full(len(members), self.alpha))
+            taken: list[int] = []
+            while need > 0:
+                q = p * (left > 0)
+                if q.sum() <= 0:  # all of this client's mass is used up (or underflowed)
+                    q = (left > 0).astype(float)
+                counts = np.minimum(rng.multinomial(need, q / q.sum()), left)
+                for c in np.flatnonzero(counts):
+                    n = int(counts[c])
+                    taken.extend(pools[c][:n])
+                    del pools[c][:n]
+                left -= counts
+                need -= int(counts.sum())
+            parts.append(np.asarray(taken, dtype=np.int64))
         return parts
 
 

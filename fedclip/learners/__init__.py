@@ -1,6 +1,15 @@
 """Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
-__all__ = ["Batch", "OptimConfig", "PromptLearner", "TextualPrompt", "ZeroShot"]
+__all__ = [
+    "Batch",
+    "MixtureOfPrompts",
+    "OptimConfig",
+    "PromptGating",
+    "PromptLearner",
+    "TextualPrompt",
+    "ZeroShot",
+]

@@ -105,11 +105,14 @@ class TextualPrompt(PromptLearner):
             tokens = tokens[:, : int(clip.text.pool_index(tokens).max()) + 1]
         return tokens, torch.stack(positions).to(tokens.device)
 
-    def prompt_embeddings(self) -> Tensor:
-        """(C, L, W) input embeddings with the learned context in place."""
+    def prompt_embeddings(self, ctx: Tensor | None = None) -> Tensor:
+        """(C, L, W) input embeddings with a context in place: the learned one, or `ctx`
+        (same shape, e.g. another client's context)."""
         with torch.no_grad():
             embeds = self.clip.token_embedding(self.tokens)  # (C, L, W)
-        ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
+        ctx = self.ctx if ctx is None else ctx
+        if not self.csc:
+            ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)  # (C, n_ctx, W)
         index = self.ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # (C, n_ctx, W)
         return embeds.scatter(1, index, ctx.to(embeds.dtype))
 

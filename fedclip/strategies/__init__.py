@@ -2,13 +2,16 @@
 
 from fedclip.strategies.base import ClientResult, Payload, Strategy
 from fedclip.strategies.fedavg import FedAvg, FedProx, LocalOnly, weighted_average
+from fedclip.strategies.moap import PFedMoAP, select_experts
 
 __all__ = [
     "ClientResult",
     "FedAvg",
     "FedProx",
     "LocalOnly",
+    "PFedMoAP",
     "Payload",
     "Strategy",
+    "select_experts",
     "weighted_average",
 ]

@@ -56,6 +56,9 @@ class Strategy(abc.ABC):
         self.num_clients = num_clients
         self.seed = seed
 
+    def check_learner(self, learner: Any) -> None:  # noqa: B027 (optional hook)
+        """Raise ValueError if this strategy cannot federate `learner` (called once, early)."""
+
     @abc.abstractmethod
     def configure_round(self, rnd: int, sampled: list[int]) -> dict[int, Payload]:
         """Payload of every sampled client for round `rnd`."""

@@ -1,0 +1,282 @@
+"""pFedMoAP: a personalised mixture of the local prompt and downloaded prompt experts.
+
+Luo et al., "Mixture of Experts Made Personalized: Federated Prompt Learning for
+Vision-Language Models" (ICLR 2025). Each client trains a local CoOp context (uploaded) and
+an attention gating network (never uploaded). In every round it also downloads the contexts
+of up to E-1 other clients (the experts, chosen by the server, see
+`fedclip.strategies.PFedMoAP`); their text features are computed once, without gradient,
+and the gating network mixes them per (image, class):
+
+    logits = lambda * s * f @ T_L^T + s * <pool(f), G(pool(f), [pool(T_L); pool(T_1..T_{E-1})])>
+
+With no experts yet (round 0, or a client that has never been sampled) only the local term
+is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedclip.backbone import FrozenCLIP
+from fedclip.learners.base import Batch, OptimConfig, build_sgd
+from fedclip.learners.textual import TextualPrompt
+
+log = logging.getLogger(__name__)
+
+
+class PromptGating(nn.Module):
+    """Multi-head attention from an image (query) over one class's expert text features
+    (keys = values), with a fixed attention scale.
+
+    Features of width D are first reduced to the gating width d: 'stride' keeps every r-th
+    coordinate, r = D // d_gating (the reference; no parameters, no re-normalisation), and
+    'linear' learns a D -> d_gating projection. q, k, v and out are Linear(d, d) with bias;
+    the attention weights are softmax(scale * q k^T) over the experts, with no mask and no
+    dropout.
+
+    Args:
+        embed_dim: D, the width of the CLIP features.
+        d_gating: target gating width d.
+        projection: 'stride' or 'linear'.
+        heads: attention heads; d must be divisible by it.
+        scale: the factor on q k^T (10.0 in the reference, not 1/sqrt(d / heads)).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        d_gating: int = 128,
+        projection: Literal["stride", "linear"] = "stride",
+        heads: int = 8,
+        scale: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if projection == "stride":
+            self.stride = max(1, embed_dim // d_gating)
+            width = math.ceil(embed_dim / self.stride)  # len(range(0, D, r))
+            self.proj = None
+        elif projection == "linear":
+            self.stride = 1
+            width = d_gating
+            self.proj = nn.Linear(embed_dim, d_gating, bias=False)
+        else:
+            raise ValueError(f"gating projection must be 'stride' or 'linear', got {projection!r}")
+        if width % heads:
+            raise ValueError(
+                f"gating width {width} (from feature width {embed_dim}, d_gating {d_gating}, "
+                f"projection {projection}) is not divisible by {heads} heads; change "
+                "gating_heads or d_gating, or use gating_projection: linear"
+            )
+        self.width = width
+        self.heads = heads
+        self.scale = float(scale)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., d)."""
+        return x[..., :: self.stride] if self.proj is None else self.proj(x)
+
+    def forward(self, query: Tensor, experts: Tensor) -> Tensor:
+        """query (B, d) pooled image features, experts (C, E, d) pooled text features of every
+        class under every expert -> (B, C, d), one mixture per (image, class) pair."""
+        b, d = query.shape
+        c, e, _ = experts.shape
+        h, dh = self.heads, d // self.heads
+        q = self.q(query).view(b, h, dh).transpose(0, 1)  # (h, B, dh)
+        k = self.k(experts).view(c, e, h, dh).transpose(1, 2)  # (C, h, E, dh)
+        v = self.v(experts).view(c, e, h, dh).transpose(1, 2)  # (C, h, E, dh)
+        q = q.unsqueeze(0).expand(c, -1, -1, -1)  # (C, h, B, dh): the same query for each class
+        mixed = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (C, h, B, dh)
+        mixed = mixed.permute(2, 0, 1, 3).reshape(b, c, d)  # (B, C, d)
+        return self.out(mixed)
+
+
+class MixtureOfPrompts(TextualPrompt):
+    """pFedMoAP's learner: a local context plus a gating network over downloaded experts.
+
+    Trained on the client: the context and the gating network, each with its own SGD
+    (context: the run's `optim`, cosine; gating: `gating_lr`, constant). Uploaded: the
+    context only. Personal state kept across rounds and in checkpoints: the gating network,
+    the last local context and the experts last received (with their client ids).
+
+    Args:
+        n_ctx: learned context tokens (as TextualPrompt).
+        ctx_init: phrase that initialises the context (as TextualPrompt).
+        class_token_position: 'end', 'middle' or 'front' (as TextualPrompt).
+        d_gating: gating width (128 in the paper).
+        gating_projection: 'stride' (every r-th feature, the reference) or 'linear'.
+        gating_heads: attention heads of the gating network.
+        attn_scale: factor on q k^T inside the gating attention.
+        lambda_local: weight lambda of the local prompt's logits.
+        gating_lr: SGD learning rate of the gating network (constant).
+        gating_momentum: SGD momentum of the gating network.
+        gating_weight_decay: SGD weight decay of the gating network.
+    """
+
+    def __init__(
+        self,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_token_position: Literal["end", "middle", "front"] = "end",
+        d_gating: int = 128,
+        gating_projection: Literal["stride", "linear"] = "stride",
+        gating_heads: int = 8,
+        attn_scale: float = 10.0,
+        lambda_local: float = 0.5,
+        gating_lr: float = 0.01,
+        gating_momentum: float = 0.9,
+        gating_weight_decay: float = 5e-4,
+    ) -> None:
+        super().__init__(n_ctx, ctx_init, False, class_token_position)
+        if d_gating < 1 or gating_heads < 1:
+            raise ValueError(
+                f"MixtureOfPrompts: d_gating and gating_heads must be >= 1, got "
+                f"{d_gating} and {gating_heads}"
+            )
+        if gating_projection not in {"stride", "linear"}:
+            raise ValueError(
+                "MixtureOfPrompts: gating_projection must be 'stride' or 'linear', got "
+                f"{gating_projection!r}"
+            )
+        if lambda_local < 0 or gating_lr <= 0:
+            raise ValueError(
+                f"MixtureOfPrompts: lambda_local must be >= 0 and gating_lr > 0, got "
+                f"{lambda_local} and {gating_lr}"
+            )
+        self.d_gating = d_gating
+        self.gating_projection = gating_projection
+        self.gating_heads = gating_heads
+        self.attn_scale = attn_scale
+        self.lambda_local = lambda_local
+        self.gating_lr = gating_lr
+        self.gating_momentum = gating_momentum
+        self.gating_weight_decay = gating_weight_decay
+        self.expert_ids: list[int] = []
+        self._expert_ctx: Tensor | None = None  # (n, n_ctx, W), None: no experts
+        self._expert_text: Tensor | None = None  # (n, C, D) frozen, computed once per download
+
+    def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
+        super().setup(clip, classnames, seed)
+        # The gating's default init, identical on every client, without touching the
+        # caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gating = PromptGating(
+                clip.embed_dim,
+                self.d_gating,
+                self.gating_projection,
+                self.gating_heads,
+                self.attn_scale,
+            )
+        self.gating = gating.to(clip.device)
+
+    # ---- experts -----------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        """Non-local experts currently held."""
+        return 0 if self._expert_ctx is None else int(self._expert_ctx.shape[0])
+
+    def receive(self, extras: dict[str, Any]) -> None:
+        """Take the experts of this round: extras {'experts': {'ctx': (n, n_ctx, W)},
+        'expert_ids': [client ids]}. No 'experts' key keeps the experts held."""
+        extras = dict(extras)
+        experts = extras.pop("experts", None)
+        ids = extras.pop("expert_ids", None)
+        super().receive(extras)  # anything else is an error
+        if experts is None:
+            return
+        if set(experts) != {"ctx"}:
+            raise ValueError(f"MixtureOfPrompts: experts must hold 'ctx', got {sorted(experts)}")
+        ctx = experts["ctx"]
+        if tuple(ctx.shape[1:]) != tuple(self.ctx.shape):
+            raise ValueError(
+                f"MixtureOfPrompts: expert contexts of shape {tuple(ctx.shape[1:])} do not match "
+                f"the local context {tuple(self.ctx.shape)}"
+            )
+        ids = list(ids) if ids is not None else list(range(ctx.shape[0]))
+        if len(ids) != ctx.shape[0]:
+            raise ValueError(f"MixtureOfPrompts: {len(ids)} expert ids for {ctx.shape[0]} experts")
+        self._set_experts(ctx, ids)
+
+    def _set_experts(self, ctx: Tensor, ids: list[int]) -> None:
+        self._expert_ctx = ctx.detach().to(self.ctx.device, self.ctx.dtype) if len(ids) else None
+        self.expert_ids = [int(i) for i in ids]
+        self._expert_text = None
+
+    @torch.no_grad()
+    def expert_text_features(self) -> Tensor:
+        """(n, C, D) normalised text features of the experts, computed once per download."""
+        if self._expert_text is None:
+            self._expert_text = torch.stack(
+                [
+                    self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
+                    for ctx in self._expert_ctx
+                ]
+            ).float()
+        return self._expert_text
+
+    # ---- computation -------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Tensor:
+        f = self.image_features(batch)  # (B, D)
+        t_local = self.class_text_features()  # (C, D)
+        s = self.clip.logit_scale
+        f = f.to(t_local.dtype)
+        local = s * f @ t_local.t()  # (B, C)
+        if self._expert_ctx is None:
+            return self.lambda_local * local
+        t_experts = self.expert_text_features().to(t_local.dtype)  # (n, C, D)
+        keys = torch.cat([t_local.unsqueeze(0), t_experts]).transpose(0, 1)  # (C, E, D)
+        pooled = self.gating.pool(f)  # (B, d)
+        mixture = self.gating(pooled, self.gating.pool(keys))  # (B, C, d)
+        moe = s * torch.einsum("bd,bcd->bc", pooled, mixture.to(pooled.dtype))  # (B, C)
+        return self.lambda_local * local + moe
+
+    # ---- what travels ------------------------------------------------------------------
+    def shared_keys(self) -> list[str]:
+        return ["ctx"]
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        ctx = self._expert_ctx
+        return {
+            "expert_ctx": ctx.detach().cpu() if ctx is not None else torch.empty(0),
+            "expert_ids": torch.tensor(self.expert_ids, dtype=torch.int64),
+        }
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        ids = [int(i) for i in state["expert_ids"]]
+        self._set_experts(state["expert_ctx"], ids)
+
+    # ---- optimisation ------------------------------------------------------------------
+    def configure_optimizers(
+        self, optim: OptimConfig, steps_per_round: int, rounds: int
+    ) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
+        prompt = build_sgd(
+            [self.ctx],
+            optim.lr,
+            optim.momentum,
+            optim.weight_decay,
+            optim.scheduler,
+            steps_per_round * rounds,
+            optim.cosine_span,
+            steps_per_round,
+        )
+        gating = build_sgd(
+            list(self.gating.parameters()),
+            self.gating_lr,
+            self.gating_momentum,
+            self.gating_weight_decay,
+            "constant",
+            steps_per_round * rounds,
+            optim.cosine_span,
+            steps_per_round,
+        )
+        return [prompt, gating]
