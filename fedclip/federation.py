@@ -332,6 +332,9 @@ class Federation:
         part = self.data.summary()
         for row in part["clients"]:
             row["acc"] = self.last_eval.get(row["client"], float("nan"))
+            experts = getattr(self.clients[row["client"]].learner, "expert_ids", None)
+            if experts is not None:  # pFedMoAP: the experts the client holds now
+                row["experts"] = list(experts)
         final = self.history[-1] if self.history else {}
         total_up = sum(r.get("traffic/up_bytes", 0.0) for r in self.history)
         total_down = sum(r.get("traffic/down_bytes", 0.0) for r in self.history)
