@@ -92,6 +92,22 @@ def build_sgd(
     return opt, sched
 
 
+def optimizer_for(
+    params: list[nn.Parameter], optim: OptimConfig, steps_per_round: int, rounds: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`build_sgd` for `params` with the settings of `optim`, over a client's local steps."""
+    return build_sgd(
+        params,
+        optim.lr,
+        optim.momentum,
+        optim.weight_decay,
+        optim.scheduler,
+        steps_per_round * rounds,
+        optim.cosine_span,
+        steps_per_round,
+    )
+
+
 class PromptLearner(nn.Module):
     """Base class of prompt learners (see the module docstring for the contract).
 
@@ -197,15 +213,4 @@ class PromptLearner(nn.Module):
     ) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
         """One (optimizer, per-step scheduler) pair per parameter group that has its own
         optimiser. The default trains every trainable parameter with `optim`."""
-        return [
-            build_sgd(
-                list(self.trainable_parameters()),
-                optim.lr,
-                optim.momentum,
-                optim.weight_decay,
-                optim.scheduler,
-                steps_per_round * rounds,
-                optim.cosine_span,
-                steps_per_round,
-            )
-        ]
+        return [optimizer_for(list(self.trainable_parameters()), optim, steps_per_round, rounds)]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
-from fedclip.learners.base import Batch, OptimConfig, build_sgd
+from fedclip.learners.base import Batch, OptimConfig, optimizer_for
 from fedclip.learners.textual import TextualPrompt
 
 log = logging.getLogger(__name__)
@@ -259,24 +259,13 @@ class MixtureOfPrompts(TextualPrompt):
     def configure_optimizers(
         self, optim: OptimConfig, steps_per_round: int, rounds: int
     ) -> list[tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]]:
-        prompt = build_sgd(
-            [self.ctx],
-            optim.lr,
-            optim.momentum,
-            optim.weight_decay,
-            optim.scheduler,
-            steps_per_round * rounds,
-            optim.cosine_span,
-            steps_per_round,
+        gating = OptimConfig(
+            lr=self.gating_lr,
+            momentum=self.gating_momentum,
+            weight_decay=self.gating_weight_decay,
+            scheduler="constant",
         )
-        gating = build_sgd(
-            list(self.gating.parameters()),
-            self.gating_lr,
-            self.gating_momentum,
-            self.gating_weight_decay,
-            "constant",
-            steps_per_round * rounds,
-            optim.cosine_span,
-            steps_per_round,
-        )
-        return [prompt, gating]
+        return [
+            optimizer_for([self.ctx], optim, steps_per_round, rounds),
+            optimizer_for(list(self.gating.parameters()), gating, steps_per_round, rounds),
+        ]
