@@ -283,32 +283,54 @@ class FrozenCLIP(nn.Module):
     def accepts_visual_prompts(self) -> bool:
         return isinstance(self.model.visual, open_clip.transformer.VisionTransformer)
 
+    def _check_visual_prompts(self) -> None:
+        if not self.accepts_visual_prompts:
+            raise BackboneError(
+                f"{self.name}: its vision tower ({type(self.model.visual).__name__}) cannot "
+                "take visual prompt tokens; use a ViT model (e.g. ViT-B-16) for visual prompts"
+            )
+
+    @property
+    def vision_width(self) -> int:
+        """V, the width of the vision transformer's tokens."""
+        self._check_visual_prompts()
+        return int(self.model.visual.conv1.out_channels)
+
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 1 + N, V): the class token and the N patch embeddings with
+        their positional embedding, as they enter the vision transformer (before ln_pre)."""
+        self._check_visual_prompts()
+        visual = self.model.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, V, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, V)
+        cls_tok = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
+        return torch.cat([cls_tok.to(x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
+
+    def encode_image_tokens(
+        self, tokens: Tensor, prompts: Tensor | None = None, normalize: bool = True
+    ) -> Tensor:
+        """`patch_tokens` output (B, 1 + N, V) plus visual prompts (B, P, V), appended after
+        the patches with no positional embedding -> (B, D) image features."""
+        visual = self.model.visual
+        self.images_encoded += int(tokens.shape[0])
+        x = tokens if prompts is None else torch.cat([tokens, prompts.to(tokens.dtype)], dim=1)
+        x = visual.ln_pre(x)  # (B, 1 + N + P, V)
+        x = visual.transformer(x)
+        x, _ = visual._pool(x)
+        if visual.proj is not None:
+            x = x @ visual.proj
+        return F.normalize(x, dim=-1) if normalize else x
+
     def encode_image(
         self, images: Tensor, prompts: Tensor | None = None, normalize: bool = True
     ) -> Tensor:
         """(B, 3, H, W) -> (B, D) image features; `prompts` (B, P, V) are appended after the
         patch tokens (no positional embedding), before ln_pre, as visual prompt tokens."""
-        visual = self.model.visual
-        self.images_encoded += int(images.shape[0])
         if prompts is None:
-            x = visual(images)
-        else:
-            if not self.accepts_visual_prompts:
-                raise BackboneError(
-                    f"{self.name}: its vision tower ({type(visual).__name__}) cannot take "
-                    "visual prompt tokens; use a ViT model (e.g. ViT-B-16) for visual prompts"
-                )
-            x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, V, g, g)
-            x = x.flatten(2).transpose(1, 2)  # (B, g*g, V)
-            cls_tok = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls_tok.to(x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
-            x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B, 1 + g*g + P, V)
-            x = visual.ln_pre(x)
-            x = visual.transformer(x)
-            x, _ = visual._pool(x)
-            if visual.proj is not None:
-                x = x @ visual.proj
-        return F.normalize(x, dim=-1) if normalize else x
+            self.images_encoded += int(images.shape[0])
+            x = self.model.visual(images)
+            return F.normalize(x, dim=-1) if normalize else x
+        return self.encode_image_tokens(self.patch_tokens(images), prompts, normalize)
 
     # ---- frozen image-feature cache ------------------------------------------------------
     @torch.no_grad()

@@ -216,9 +216,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     cfg, plain = build_fit_config(parser, fit_ns)
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
-    accs = fed.evaluate(fed.round)
-    fed.last_eval = accs
-    metrics = fed._eval_metrics(accs)
+    metrics = fed.evaluation_metrics(fed.round)
     fed.history.append({"round": float(fed.round), **metrics})
     (run_dir / "eval.json").write_text(json.dumps({"round": fed.round, **metrics}, indent=2))
     print_table(fed, f"{run_dir.name}: evaluation after round {fed.round}")

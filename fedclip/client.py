@@ -62,6 +62,15 @@ class ClientModule(L.LightningModule):
         )
         self.learner.receive(extras)
 
+    def wanted(self, payload: Payload | None) -> Payload | None:
+        """The part of a download this client takes: of the state, only the tensors its
+        learner shares now (e.g. just the LoRA factors once FedMVP switched to them)."""
+        if payload is None or payload.state is None:
+            return payload
+        keys = set(self.learner.shared_keys())
+        state = {k: v for k, v in payload.state.items() if k in keys}
+        return Payload(state=state, extras=payload.extras)
+
     def upload(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.learner.shared_state().items()}
 
@@ -70,8 +79,7 @@ class ClientModule(L.LightningModule):
         return self.learner(batch)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logits = self(batch)
-        loss = self.learner.loss(logits, batch)
+        loss = self.learner.training_loss(batch)
         if self._anchor is not None:
             params = dict(self.learner.named_parameters())
             prox = sum(((params[k] - a) ** 2).sum() for k, a in self._anchor.items() if k in params)

@@ -31,7 +31,7 @@ from fedclip.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 from fedclip.client import ClientModule
 from fedclip.config import FitConfig
 from fedclip.data.federated import FederatedData
-from fedclip.metrics import summarize
+from fedclip.metrics import base_to_novel_metrics, client_metric, summarize
 from fedclip.progress import Progress
 from fedclip.strategies.base import ClientResult, Payload
 
@@ -113,7 +113,10 @@ class Federation:
         self.clip = load_backbone(cfg.backbone)
         self.clip.to(self.fabric.device)
         self.classnames = self.data.classnames
-        self.data.bind(self.clip, use_cache=not type(cfg.learner).needs_images)
+        learner_cls = type(cfg.learner)
+        self.data.bind(
+            self.clip, use_cache=not learner_cls.needs_images, flip_targets=learner_cls.flip_targets
+        )
 
         self.clients = [self._make_client(k) for k in range(self.data.num_clients)]
         self.strategy = cfg.strategy
@@ -203,20 +206,64 @@ class Federation:
             seen += len(batch)
         return float(client.accuracy.compute()) if seen else float("nan")
 
-    def evaluate(self, rnd: int) -> dict[int, float]:
+    @torch.no_grad()
+    def evaluate_client_on(self, k: int, split: str, classes: list[int]) -> tuple[int, int]:
+        """(correct, total) of client k on `split`, classifying among `classes` (ids)."""
+        client, learner = self.clients[k], self.clients[k].learner
+        client.eval()
+        trained_on = learner.classnames
+        learner.set_classes([self.data.all_classnames[c] for c in classes])
+        remap = torch.full((len(self.data.all_classnames),), -1, dtype=torch.long)
+        remap[torch.as_tensor(classes)] = torch.arange(len(classes))
+        remap = remap.to(self.fabric.device)
+        metric = client_metric(len(classes)).to(self.fabric.device)
+        total = 0
+        try:
+            for batch in self.data.batches(k, split):
+                batch = batch.to(self.fabric.device)
+                with self.fabric.autocast():
+                    logits = client(batch)
+                metric.update(logits.float(), remap[batch.labels])
+                total += len(batch)
+        finally:
+            learner.set_classes(trained_on)
+        correct = round(float(metric.compute()) * total) if total else 0
+        return correct, total
+
+    def evaluate(self, rnd: int) -> dict[int, float] | dict[int, dict[str, tuple[int, int]]]:
+        """Each client's test accuracy; under base-to-novel, each client's (correct, total)
+        on its local classes, on its share of the base and of the novel test images."""
         ids = list(range(self.data.num_clients))
         payloads = self.strategy.configure_evaluate(rnd, ids)
         out = {}
+        base = list(range(self.data.num_base))
+        novel = list(range(self.data.num_base, len(self.data.all_classnames)))
         for k in ids:
-            self.clients[k].receive(payloads.get(k))
-            out[k] = self.evaluate_client(k)
+            self.clients[k].receive(self.clients[k].wanted(payloads.get(k)))
+            if self.data.cfg.base_to_novel:
+                out[k] = {
+                    "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
+                    "base": self.evaluate_client_on(k, "base", base),
+                    "novel": self.evaluate_client_on(k, "novel", novel),
+                }
+            else:
+                out[k] = self.evaluate_client(k)
         return out
 
-    def _eval_metrics(self, accs: dict[int, float]) -> dict[str, float]:
-        weights = {k: len(self.data.test_parts[k]) for k in accs}
-        s = summarize(accs, weights)
+    def evaluation_metrics(self, rnd: int) -> dict[str, float]:
+        """Evaluate every client and return the logged metrics (keeps each client's
+        accuracy for the summary table)."""
+        metrics = self._eval_metrics(self.evaluate(rnd))
+        self.last_eval = {k: metrics[f"client/{k}/acc"] for k in range(self.data.num_clients)}
+        return metrics
+
+    def _eval_metrics(self, result: dict) -> dict[str, float]:
+        if self.data.cfg.base_to_novel:
+            return base_to_novel_metrics(result)
+        weights = {k: len(self.data.test_parts[k]) for k in result}
+        s = summarize(result, weights)
         metrics = {f"eval/acc_{name}": v for name, v in s.items()}
-        metrics.update({f"client/{k}/acc": v for k, v in accs.items()})
+        metrics.update({f"client/{k}/acc": v for k, v in result.items()})
         return metrics
 
     def run_round(self, rnd: int, progress: Progress) -> dict[str, float]:
@@ -229,7 +276,7 @@ class Federation:
         progress.start_clients(rnd, len(sampled))
         for k in sampled:
             client = self.clients[k]
-            payload = payloads.get(k)
+            payload = client.wanted(payloads.get(k))
             client.receive(payload)
             down += tensor_bytes(payload) if payload is not None else 0
             losses[k] = self.fit_client(k, rnd)
@@ -237,6 +284,8 @@ class Federation:
                 state = client.upload()
                 up += tensor_bytes(state)
                 results[k] = ClientResult(k, state, self.data.num_train(k), {"loss": losses[k]})
+            if client.learner.end_of_round(losses[k]):
+                client.optimizer_pairs = None  # a new trainable set: fresh optimizers
             progress.client_done(k)
         _, agg_metrics = self.strategy.aggregate(rnd, results)
         metrics: dict[str, float] = {"round": float(rnd + 1)}
@@ -249,8 +298,7 @@ class Federation:
         metrics["traffic/sampled_clients"] = float(len(sampled))
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
-            self.last_eval = self.evaluate(rnd)
-            metrics.update(self._eval_metrics(self.last_eval))
+            metrics.update(self.evaluation_metrics(rnd))
         metrics["time/round_s"] = time.perf_counter() - t0
         return metrics
 
@@ -263,7 +311,7 @@ class Federation:
             for row in self.history:  # the CSV logger starts a fresh file: replay the past
                 self.fabric.log_dict(row, step=int(row["round"]))
         elif fed.eval_at_start and self.round == 0:
-            row = {"round": 0.0, **self._eval_metrics(self.evaluate(-1))}
+            row = {"round": 0.0, **self.evaluation_metrics(-1)}
             self.history.append(row)
             self.fabric.log_dict(row, step=0)
         last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)

@@ -32,3 +32,43 @@ def summarize(
         w = torch.tensor([float(weights[k]) for k in vals], dtype=torch.float64)
         out["weighted"] = float((t * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
     return out
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """n / sum(1 / v); 0 when any value is 0, NaN when any is NaN."""
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def base_to_novel_metrics(result: dict[int, dict[str, tuple[int, int]]]) -> dict[str, float]:
+    """The base-to-novel report from each client's (correct, total) per evaluation.
+
+    local: accuracy on the client's own test split among its own classes, averaged over
+    clients (unweighted; `eval/acc_*` are its mean/std/min/max/weighted). base, novel:
+    accuracy over all clients' shares of the base and novel test images, pooled. hm: the
+    harmonic mean of local, base and novel, as in the FedTPG/FedMVP tables.
+    """
+
+    def acc(ct: tuple[int, int]) -> float:
+        return ct[0] / ct[1] if ct[1] else float("nan")
+
+    local = {k: acc(r["local"]) for k, r in result.items()}
+    weights = {k: r["local"][1] for k, r in result.items()}
+    metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
+    pooled = {}
+    for part in ("base", "novel"):
+        correct = sum(r[part][0] for r in result.values())
+        total = sum(r[part][1] for r in result.values())
+        pooled[part] = correct / total if total else float("nan")
+    metrics["eval/local"] = metrics["eval/acc_mean"]
+    metrics["eval/base"] = pooled["base"]
+    metrics["eval/novel"] = pooled["novel"]
+    metrics["eval/hm"] = harmonic_mean([metrics["eval/local"], pooled["base"], pooled["novel"]])
+    for k, r in result.items():
+        metrics[f"client/{k}/acc"] = local[k]
+        metrics[f"client/{k}/base"] = acc(r["base"])
+        metrics[f"client/{k}/novel"] = acc(r["novel"])
+    return metrics

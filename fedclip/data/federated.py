@@ -31,6 +31,10 @@ class DataConfig:
         num_workers: DataLoader worker processes for image decoding.
         augment: random-resized-crop training transform of open_clip instead of the
             deterministic evaluation transform; disables the frozen image-feature cache.
+        base_to_novel: the base-to-novel protocol: clients train on the first half of the
+            classes (base, ceil(C / 2)); every client is evaluated on its own classes
+            (local), on a share of the test images of all base classes and on a share of
+            those of the other classes (novel).
     """
 
     dataset: DatasetSource = field(default_factory=Shapes)
@@ -40,6 +44,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     augment: bool = False
+    base_to_novel: bool = False
 
 
 def _collate(items: list) -> Batch:
@@ -49,6 +54,20 @@ def _collate(items: list) -> Batch:
         index=torch.as_tensor(index, dtype=torch.long),
         images=torch.stack(images),
     )
+
+
+class _Flipped(torch.utils.data.Dataset):
+    """A data set of image tensors, flipped horizontally (the last axis)."""
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return image.flip(-1), label
 
 
 class FederatedData:
@@ -63,12 +82,29 @@ class FederatedData:
         self.seed = seed
         self.source = cfg.dataset
         self.source.check()
-        self.classnames = list(self.source.classnames)
+        self.all_classnames = list(self.source.classnames)
         self.train_labels = np.asarray(self.source.labels("train"), dtype=np.int64)
         self.test_labels = np.asarray(self.source.labels("test"), dtype=np.int64)
         self.partitioner = cfg.partitioner.bind(self.source)
-        self.train_parts = self.partitioner(self.train_labels, cfg.num_clients, seed)
+        num_classes = len(self.all_classnames)
+        self.num_base = math.ceil(num_classes / 2) if cfg.base_to_novel else num_classes
+        if cfg.base_to_novel and num_classes < 2:
+            raise ValueError("data.base_to_novel needs at least 2 classes")
+        self.classnames = self.all_classnames[: self.num_base]  # what clients train on
+        # partition the training samples of the training classes only
+        pool = np.flatnonzero(self.train_labels < self.num_base)
+        parts = self.partitioner(self.train_labels[pool], cfg.num_clients, seed)
+        self.train_parts = [pool[p] for p in parts]
         self.test_parts = split_like(self.train_parts, self.train_labels, self.test_labels, seed)
+        self.parts = {"train": self.train_parts, "test": self.test_parts}
+        if cfg.base_to_novel:  # an even, seeded share of each class set's test images
+            rng = np.random.default_rng([seed, 1])
+            for name, mask in (
+                ("base", self.test_labels < self.num_base),
+                ("novel", self.test_labels >= self.num_base),
+            ):
+                shares = np.array_split(rng.permutation(np.flatnonzero(mask)), cfg.num_clients)
+                self.parts[name] = [np.sort(p) for p in shares]
         self.train_set = self.test_set = None
         self.clip = None
 
@@ -76,9 +112,12 @@ class FederatedData:
     def num_clients(self) -> int:
         return self.cfg.num_clients
 
-    def bind(self, clip, use_cache: bool) -> None:
-        """Attach the backbone's transforms; `use_cache` feeds frozen features, not images."""
+    def bind(self, clip, use_cache: bool, flip_targets: bool = False) -> None:
+        """Attach the backbone's transforms; `use_cache` feeds frozen features, not images;
+        `flip_targets` adds the frozen features of each training image and of its
+        horizontal flip to the batches (cached, so only without random augmentation)."""
         self.clip = clip
+        self.flip_targets = flip_targets and not self.cfg.augment
         self.use_train_cache = use_cache and not self.cfg.augment
         self.use_test_cache = use_cache
         train_tf = clip.preprocess_train if self.cfg.augment else clip.preprocess_val
@@ -93,11 +132,14 @@ class FederatedData:
 
     def batches(self, k: int, split: str, epoch_seed: int | None = None) -> Iterator[Batch]:
         """Client k's batches of `split`; shuffled by `epoch_seed` (None: in order)."""
-        parts = self.train_parts if split == "train" else self.test_parts
+        if split not in self.parts:
+            raise ValueError(f"no split {split!r} (have {sorted(self.parts)})")
+        parts = self.parts[split]
         dataset = self.train_set if split == "train" else self.test_set
         labels = self.train_labels if split == "train" else self.test_labels
         cached = self.use_train_cache if split == "train" else self.use_test_cache
         bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        key = self.source.key("train" if split == "train" else "test")
         idx = parts[k]
         if len(idx) == 0:
             return
@@ -106,7 +148,7 @@ class FederatedData:
             order = np.random.default_rng(epoch_seed).permutation(len(idx))
         if cached:
             feats = self.clip.cached_image_features(
-                self.source.key(split), dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers
+                key, dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers
             )  # (n_k, D)
             lab = torch.as_tensor(labels[idx], device=feats.device)
             ids = torch.as_tensor(idx, device=feats.device)
@@ -114,17 +156,36 @@ class FederatedData:
                 sel = torch.as_tensor(order[s : s + bs], device=feats.device)
                 yield Batch(labels=lab[sel], index=ids[sel], features=feats[sel])
         else:
+            targets = None
+            if split == "train" and self.flip_targets:
+                targets = self._flip_targets(key, dataset, idx)  # (n_k, 2, D)
+                sorted_ids = torch.as_tensor(idx, device=targets.device)
             loader = DataLoader(
                 IndexedSubset(dataset, idx[order]),
                 batch_size=bs,
                 num_workers=self.cfg.num_workers,
                 collate_fn=_collate,
             )
-            yield from loader
+            for batch in loader:
+                if targets is not None:  # parts are sorted: find each sample's row
+                    rows = torch.searchsorted(sorted_ids, batch.index.to(sorted_ids.device))
+                    batch.targets = targets[rows]
+                yield batch
+
+    def local_classes(self, k: int) -> list[int]:
+        """The classes client k holds in training, ascending."""
+        return np.unique(self.train_labels[self.train_parts[k]]).tolist()
+
+    def _flip_targets(self, key: str, dataset, idx: np.ndarray) -> torch.Tensor:
+        """Frozen features of samples `idx` and of their horizontal flips, (n, 2, D)."""
+        bs, nw = self.cfg.eval_batch_size, self.cfg.num_workers
+        plain = self.clip.cached_image_features(key, dataset, idx, bs, nw)
+        flipped = self.clip.cached_image_features(f"{key}/hflip", _Flipped(dataset), idx, bs, nw)
+        return torch.stack([plain, flipped], dim=1)
 
     def summary(self) -> dict:
         """Per-client sample and class counts of both splits."""
-        n_cls = len(self.classnames)
+        n_cls = len(self.all_classnames)
         train = partition_summary(self.train_parts, self.train_labels, n_cls)
         test = partition_summary(self.test_parts, self.test_labels, n_cls)
         return {

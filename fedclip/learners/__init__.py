@@ -2,12 +2,15 @@
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
+from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
     "Batch",
+    "FedMVP",
     "MixtureOfPrompts",
     "OptimConfig",
+    "PromptFormer",
     "PromptGating",
     "PromptLearner",
     "TextualPrompt",

@@ -6,7 +6,8 @@ The contract, kept small:
   class names, and builds its parameters (deterministic in `seed`).
 - `forward(batch) -> logits (B, C)`, `loss(logits, batch) -> scalar`.
 - `shared_state() -> dict[str, Tensor]`: exactly what is uploaded to the server.
-  `load_shared_state(state)` loads a downloaded global state (same keys and shapes).
+  `load_shared_state(state)` loads a downloaded global state (a subset of those keys, same
+  shapes); a client downloads only the tensors it shares.
 - `receive(extras)`: learner-specific extra downloads (pFedMoAP's experts); the default
   accepts none.
 - Everything else in the module is personal state: it stays on the client, persists across
@@ -37,12 +38,20 @@ class Batch:
     index: Tensor  # (B,) sample ids in the base data set
     images: Tensor | None = None  # (B, 3, H, W)
     features: Tensor | None = None  # (B, D) normalised frozen image features
+    # (B, 2, D) frozen features of the image and of its horizontal flip (consistency targets)
+    targets: Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.labels), move(self.index), move(self.images), move(self.features))
+        return Batch(
+            move(self.labels),
+            move(self.index),
+            move(self.images),
+            move(self.features),
+            move(self.targets),
+        )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -112,10 +121,13 @@ class PromptLearner(nn.Module):
     """Base class of prompt learners (see the module docstring for the contract).
 
     Subclasses set `needs_images = True` when they change the image path (then raw images
-    are fed and the frozen feature cache is not used).
+    are fed and the frozen feature cache is not used), and `flip_targets = True` to get the
+    frozen features of each training image and of its horizontal flip in `Batch.targets`
+    (cached once per sample when no random augmentation is on).
     """
 
     needs_images: ClassVar[bool] = False
+    flip_targets: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,6 +149,20 @@ class PromptLearner(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def set_classes(self, classnames: list[str]) -> None:
+        """Classify among `classnames` from now on (base-to-novel evaluation switches between
+        the training classes and other class sets). Learners keep what they derive from a
+        class set cached per set, so switching back and forth recomputes nothing."""
+        if list(classnames) == self.classnames:
+            return
+        self.classnames = list(classnames)
+        self._eval_text = None
+        self._classes_changed()
+
+    def _classes_changed(self) -> None:
+        """Rebuild (or fetch from the per-set cache) whatever depends on the class names."""
+        raise NotImplementedError(f"{type(self).__name__} cannot switch its classes")
 
     def train(self, mode: bool = True) -> PromptLearner:
         self._eval_text = None
@@ -170,6 +196,16 @@ class PromptLearner(nn.Module):
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(logits.float(), batch.labels)
 
+    def training_loss(self, batch: Batch) -> Tensor:
+        """The loss of one training step; learners with extra terms override it."""
+        return self.loss(self(batch), batch)
+
+    def end_of_round(self, mean_loss: float) -> bool:
+        """Called after the client's local training of a round with its mean loss; returns
+        True when the set of trainable parameters changed (the client then builds new
+        optimizers)."""
+        return False
+
     # ---- what travels ------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
         """Names (as in state_dict) of the tensors that are uploaded."""
@@ -181,10 +217,13 @@ class PromptLearner(nn.Module):
 
     @torch.no_grad()
     def load_shared_state(self, state: dict[str, Tensor]) -> None:
+        """Load downloaded tensors. Every key must be one this learner shares now; shared
+        keys the download lacks (nobody has uploaded them yet) keep their values."""
         keys = set(self.shared_keys())
-        if set(state) != keys:
+        if not set(state) <= keys:
             raise ValueError(
-                f"{type(self).__name__}: shared state keys {sorted(state)} != expected {sorted(keys)}"
+                f"{type(self).__name__}: downloaded keys {sorted(set(state) - keys)} are not "
+                f"among the shared keys {sorted(keys)}"
             )
         own = self.state_dict()
         for k, v in state.items():

@@ -162,7 +162,8 @@ class MixtureOfPrompts(TextualPrompt):
         self.gating_weight_decay = gating_weight_decay
         self.expert_ids: list[int] = []
         self._expert_ctx: Tensor | None = None  # (n, n_ctx, W), None: no experts
-        self._expert_text: Tensor | None = None  # (n, C, D) frozen, computed once per download
+        # (n, C, D) frozen expert features per class set, computed once per download
+        self._expert_text: dict[tuple[str, ...], Tensor] = {}
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
@@ -210,19 +211,20 @@ class MixtureOfPrompts(TextualPrompt):
     def _set_experts(self, ctx: Tensor, ids: list[int]) -> None:
         self._expert_ctx = ctx.detach().to(self.ctx.device, self.ctx.dtype) if len(ids) else None
         self.expert_ids = [int(i) for i in ids]
-        self._expert_text = None
+        self._expert_text = {}
 
     @torch.no_grad()
     def expert_text_features(self) -> Tensor:
         """(n, C, D) normalised text features of the experts, computed once per download."""
-        if self._expert_text is None:
-            self._expert_text = torch.stack(
+        key = tuple(self.classnames)
+        if key not in self._expert_text:
+            self._expert_text[key] = torch.stack(
                 [
                     self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
                     for ctx in self._expert_ctx
                 ]
             ).float()
-        return self._expert_text
+        return self._expert_text[key]
 
     # ---- computation -------------------------------------------------------------------
     def forward(self, batch: Batch) -> Tensor:

@@ -55,6 +55,18 @@ class TextualPrompt(PromptLearner):
         tokens, ctx_pos = self._layout(clip, classnames, self.n_ctx)
         self.register_buffer("tokens", tokens, persistent=False)  # (C, L)
         self.register_buffer("ctx_pos", ctx_pos, persistent=False)  # (C, n_ctx)
+        self._layouts = {tuple(self.classnames): (tokens, ctx_pos)}
+
+    def _classes_changed(self) -> None:
+        if self.csc:
+            raise ValueError(
+                "TextualPrompt: class-specific contexts (csc) cannot classify other classes"
+            )
+        key = tuple(self.classnames)
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(self.clip, self.classnames, self.n_ctx)
+        tokens, ctx_pos = self._layouts[key]
+        self.tokens, self.ctx_pos = tokens.to(self.ctx.device), ctx_pos.to(self.ctx.device)
 
     def _initial_context(self, clip: FrozenCLIP, seed: int) -> Tensor:
         width = clip.text_width
@@ -136,14 +148,22 @@ class ZeroShot(PromptLearner):
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
-        names = [c.replace("_", " ") for c in classnames]
-        feats = torch.stack(
-            [clip.encode_text([t.format(n) for n in names]) for t in self.templates]
-        )  # (T, C, D)
-        mean = feats.mean(0)
-        self.register_buffer(
-            "class_features", mean / mean.norm(dim=-1, keepdim=True), persistent=False
-        )
+        self._features: dict[tuple[str, ...], Tensor] = {}
+        self.register_buffer("class_features", self._template_features(), persistent=False)
+
+    def _template_features(self) -> Tensor:
+        key = tuple(self.classnames)
+        if key not in self._features:
+            names = [c.replace("_", " ") for c in self.classnames]
+            feats = torch.stack(
+                [self.clip.encode_text([t.format(n) for n in names]) for t in self.templates]
+            )  # (T, C, D)
+            mean = feats.mean(0)
+            self._features[key] = mean / mean.norm(dim=-1, keepdim=True)
+        return self._features[key]
+
+    def _classes_changed(self) -> None:
+        self.class_features = self._template_features()
 
     def text_features(self) -> Tensor:
         return self.class_features

@@ -9,17 +9,26 @@ from fedclip.strategies.base import ClientResult, Payload, Strategy
 
 
 def weighted_average(states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
-    """sum_i w_i * state_i / sum_i w_i, key by key, accumulated in float64."""
+    """sum_i w_i * state_i / sum_i w_i, key by key, accumulated in float64.
+
+    States may hold different keys (clients in different phases upload different tensors):
+    each key is averaged over the states that hold it, with their weights renormalised.
+    """
     if not states:
         raise ValueError("weighted_average of no states")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to > 0, got {weights}")
+    if any(w < 0 for w in weights) or float(sum(weights)) <= 0:
+        raise ValueError(f"weights must be >= 0 and sum to > 0, got {weights}")
     out = {}
-    for key, ref in states[0].items():
+    keys = list(dict.fromkeys(k for state in states for k in state))
+    for key in keys:
+        holders = [(s[key], w) for s, w in zip(states, weights, strict=True) if key in s]
+        total = float(sum(w for _, w in holders))
+        if total <= 0:  # only zero-weight holders: average them evenly
+            holders, total = [(t, 1.0) for t, _ in holders], float(len(holders))
+        ref = holders[0][0]
         acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for state, w in zip(states, weights, strict=True):
-            acc += state[key].detach().cpu().double() * (w / total)
+        for tensor, w in holders:
+            acc += tensor.detach().cpu().double() * (w / total)
         out[key] = acc.to(ref.dtype)
     return out
 
@@ -48,7 +57,9 @@ class FedAvg(Strategy):
             return self.global_state, {"aggregated_clients": 0.0}
         ids = sorted(results)
         weights = [float(results[k].num_samples) if self.weighted else 1.0 for k in ids]
-        self.global_state = weighted_average([results[k].state for k in ids], weights)
+        # tensors nobody uploaded this round keep their global values
+        merged = weighted_average([results[k].state for k in ids], weights)
+        self.global_state = {**(self.global_state or {}), **merged}
         return self.global_state, {"aggregated_clients": float(len(ids))}
 
 
