@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torchvision
 
@@ -23,6 +26,9 @@ def tiny_vit():
 @pytest.fixture(scope="session")
 def tiny_rn():
     return load_backbone(BackboneConfig(model="fedclip-tiny-rn"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config(**over) -> FitConfig:
@@ -60,4 +66,37 @@ def skip_md5(monkeypatch):
     # on the meta file, and "exists" keeps the missing-data path real.
     monkeypatch.setattr(
         torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath)
+    )
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_cifar100_full(root: Path, per_class: tuple[int, int] = (6, 2)) -> None:
+    """A small CIFAR-100 with all 100 classes and 20 superclasses in the real
+    cifar-100-python pickle layout."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    coarse_of = [c % 20 for c in range(100)]
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        fine = np.repeat(np.arange(100), n).tolist()
+        _dump(
+            folder / split,
+            {
+                "filenames": [f"{i}.png" for i in range(len(fine))],
+                "batch_label": split,
+                "fine_labels": fine,
+                "coarse_labels": [coarse_of[f] for f in fine],
+                "data": rng.integers(0, 256, size=(len(fine), 3072), dtype=np.uint8),
+            },
+        )
+    _dump(
+        folder / "meta",
+        {
+            "fine_label_names": [f"class_{c}" for c in range(100)],
+            "coarse_label_names": [f"group_{g}" for g in range(20)],
+        },
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +16,8 @@ from fedclip.federation import Federation
 from fedclip.learners import Batch, MixtureOfPrompts, OptimConfig, PromptGating, TextualPrompt
 from fedclip.strategies import ClientResult, FedAvg, PFedMoAP, select_experts
 
-from .conftest import small_config
-from .test_datasets import dump, rows
+from .conftest import ROOT, small_config, write_cifar100_full
 from .test_federation import _assert_same, _states
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _identity(gating: PromptGating) -> None:
@@ -398,34 +394,6 @@ def test_personalisation_beats_fedavg_under_strong_label_skew(shapes_cache):
     fedavg = run(TextualPrompt(n_ctx=4, ctx_init="a photo of a"), FedAvg())
     moap = run(MixtureOfPrompts(n_ctx=4, ctx_init="a photo of a"), PFedMoAP(num_experts=5))
     assert moap > fedavg + 0.1, (moap, fedavg)
-
-
-def write_cifar100_full(root: Path, per_class: tuple[int, int] = (6, 2)) -> None:
-    """A small CIFAR-100 with all 100 classes and 20 superclasses in the real
-    cifar-100-python pickle layout."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    coarse_of = [c % 20 for c in range(100)]
-    for split, n in zip(("train", "test"), per_class, strict=True):
-        fine = np.repeat(np.arange(100), n).tolist()
-        dump(
-            folder / split,
-            {
-                "filenames": [f"{i}.png" for i in range(len(fine))],
-                "batch_label": split,
-                "fine_labels": fine,
-                "coarse_labels": [coarse_of[f] for f in fine],
-                "data": rows(rng, len(fine)),
-            },
-        )
-    dump(
-        folder / "meta",
-        {
-            "fine_label_names": [f"class_{c}" for c in range(100)],
-            "coarse_label_names": [f"group_{g}" for g in range(20)],
-        },
-    )
 
 
 def test_pfedmoap_cifar100_config_runs_one_round(tmp_path, skip_md5, capsys):
