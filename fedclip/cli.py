@@ -118,6 +118,9 @@ def print_table(fed, title: str) -> None:
             f"{100 * ev.get('eval/acc_mean', float('nan')):.2f} ± {100 * ev.get('eval/acc_std', float('nan')):.2f}",
         )
         table.add_row("min", "", "", "", f"{100 * ev.get('eval/acc_min', float('nan')):.2f}")
+        if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
+            for key in ("base", "novel", "hm"):
+                table.add_row(key, "", "", "", f"{100 * ev[f'eval/{key}']:.2f}")
     Console().print(table)
 
 

@@ -24,8 +24,14 @@ def round_line(metrics: dict[str, float], rounds: int) -> str:
         parts.append(f"loss {loss:.4f}")
     if "eval/acc_mean" in metrics:
         parts.append(
-            f"acc {100 * metrics['eval/acc_mean']:.2f}% ± {100 * metrics['eval/acc_std']:.2f} "
+            f"{'local' if 'eval/hm' in metrics else 'acc'} {100 * metrics['eval/acc_mean']:.2f}% "
+            f"± {100 * metrics['eval/acc_std']:.2f} "
             f"(min {100 * metrics['eval/acc_min']:.2f})"
+        )
+    if "eval/hm" in metrics:  # base-to-novel
+        parts.append(
+            f"base {100 * metrics['eval/base']:.2f}% novel {100 * metrics['eval/novel']:.2f}% "
+            f"HM {100 * metrics['eval/hm']:.2f}%"
         )
     parts.append(
         f"up {human_bytes(metrics.get('traffic/up_bytes', 0))} "
