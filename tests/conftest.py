@@ -100,3 +100,32 @@ def write_cifar100_full(root: Path, per_class: tuple[int, int] = (6, 2)) -> None
             "coarse_label_names": [f"group_{g}" for g in range(20)],
         },
     )
+
+
+def fit_shipped_config_offline(name: str, tmp_path: Path, *extra: str) -> dict:
+    """`fedclip fit` of configs/`name` for one round with the tiny random-weight ViT on
+    the data under tmp_path/data, in process; returns the run's summary.json."""
+    import json
+
+    from fedclip.cli import main
+
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / name),
+            "--backbone.model=fedclip-tiny-vit",
+            "--backbone.pretrained=null",
+            f"--data.dataset.init_args.root={tmp_path / 'data'}",
+            "--data.dataset.init_args.download=false",
+            "--data.num_workers=0",
+            "--federation.rounds=1",
+            "--fabric.accelerator=cpu",
+            f"--output_dir={tmp_path / 'runs'}",
+            "--run_name=offline",
+            "--progress=false",
+            *extra,
+        ]
+    )
+    assert code == 0, f"fedclip fit --config {name} exited with {code}"
+    return json.loads((tmp_path / "runs" / "offline" / "summary.json").read_text())

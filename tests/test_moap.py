@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -16,7 +15,7 @@ from fedclip.federation import Federation
 from fedclip.learners import Batch, MixtureOfPrompts, OptimConfig, PromptGating, TextualPrompt
 from fedclip.strategies import ClientResult, FedAvg, PFedMoAP, select_experts
 
-from .conftest import ROOT, small_config, write_cifar100_full
+from .conftest import fit_shipped_config_offline, small_config, write_cifar100_full
 from .test_federation import _assert_same, _states
 
 
@@ -396,29 +395,9 @@ def test_personalisation_beats_fedavg_under_strong_label_skew(shapes_cache):
     assert moap > fedavg + 0.1, (moap, fedavg)
 
 
-def test_pfedmoap_cifar100_config_runs_one_round(tmp_path, skip_md5, capsys):
-    from fedclip.cli import main
-
+def test_pfedmoap_cifar100_config_runs_one_round(tmp_path, skip_md5):
     write_cifar100_full(tmp_path / "data")
-    code = main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "pfedmoap_cifar100.yaml"),
-            "--backbone.model=fedclip-tiny-vit",
-            "--backbone.pretrained=null",
-            f"--data.dataset.init_args.root={tmp_path / 'data'}",
-            "--data.dataset.init_args.download=false",
-            "--data.num_workers=0",
-            "--federation.rounds=1",
-            "--fabric.accelerator=cpu",
-            f"--output_dir={tmp_path / 'runs'}",
-            "--run_name=c100",
-            "--progress=false",
-        ]
-    )
-    assert code == 0, capsys.readouterr().err
-    summary = json.loads((tmp_path / "runs" / "c100" / "summary.json").read_text())
+    summary = fit_shipped_config_offline("pfedmoap_cifar100.yaml", tmp_path)
     assert len(summary["clients"]) == 100
     assert sum(c["train"] for c in summary["clients"]) == 600  # the partition covers all
     assert summary["config"]["strategy"] == "PFedMoAP"

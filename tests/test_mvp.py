@@ -19,7 +19,7 @@ from fedclip.federation import Federation
 from fedclip.learners import Batch, FedMVP, PromptFormer, ZeroShot
 from fedclip.metrics import base_to_novel_metrics, harmonic_mean
 
-from .conftest import ROOT, small_config, write_cifar100_full
+from .conftest import fit_shipped_config_offline, small_config, write_cifar100_full
 
 NAMES = ["red circle", "green square", "blue triangle"]
 
@@ -342,30 +342,11 @@ def test_base_to_novel_trains_textual_prompts(tiny_vit):
         Federation(csc, None, show_progress=False).fit()
 
 
-def test_fedmvp_cifar100_b2n_config_runs_one_round(tmp_path, skip_md5, capsys):
-    from fedclip.cli import main
-
+def test_fedmvp_cifar100_b2n_config_runs_one_round(tmp_path, skip_md5):
     write_cifar100_full(tmp_path / "data", per_class=(10, 2))
-    code = main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "fedmvp_cifar100_b2n.yaml"),
-            "--backbone.model=fedclip-tiny-vit",
-            "--backbone.pretrained=null",
-            f"--data.dataset.init_args.root={tmp_path / 'data'}",
-            "--data.dataset.init_args.download=false",
-            "--data.num_workers=0",
-            "--federation.rounds=1",
-            "--federation.eval_at_start=false",
-            "--fabric.accelerator=cpu",
-            f"--output_dir={tmp_path / 'runs'}",
-            "--run_name=b2n",
-            "--progress=false",
-        ]
+    summary = fit_shipped_config_offline(
+        "fedmvp_cifar100_b2n.yaml", tmp_path, "--federation.eval_at_start=false"
     )
-    assert code == 0, capsys.readouterr().err
-    summary = json.loads((tmp_path / "runs" / "b2n" / "summary.json").read_text())
     assert len(summary["clients"]) == 10
     assert all(c["classes"] == 5 and c["train"] == 5 * 8 for c in summary["clients"])
     assert {"eval/local", "eval/base", "eval/novel", "eval/hm"} <= set(summary["eval"])
