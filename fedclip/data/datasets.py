@@ -72,6 +72,16 @@ class DatasetSource(abc.ABC):
         """Group id of every class (e.g. CIFAR-100's superclasses), or None: no grouping."""
         return None
 
+    @property
+    def domain_names(self) -> list[str] | None:
+        """Names of the domains (index = domain id) of a multi-domain data set, else None."""
+        return None
+
+    def domains(self, split: str) -> np.ndarray | None:
+        """int64 domain id (N,) of every sample of `split`, aligned with `labels(split)`, or
+        None for a single-domain data set. Must not decode images."""
+        return None
+
     def key(self, split: str) -> str:
         """Stable identity of a split: the name plus every argument that changes its content."""
         _check_split(split)
