@@ -1,4 +1,5 @@
-"""The `fedclip` command: `fedclip fit --config X.yaml` and `fedclip evaluate --run_dir R`.
+"""The `fedclip` command: `fedclip fit --config X.yaml`, `fedclip evaluate --run_dir R` and
+`fedclip partition --config X.yaml`.
 
 Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
 `--print_config` prints the resolved configuration. Bad input exits with code 2 and a single
@@ -75,7 +76,7 @@ def _one_line(message: str) -> str:
 def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
     """Instantiate the parsed namespace into a FitConfig plus its plain-data dump."""
     plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
-    for key in ("config", "resume", "progress", "print_config"):
+    for key in ("config", "resume", "progress", "print_config", "out"):
         plain.pop(key, None)
     init = (
         parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
@@ -124,43 +125,9 @@ def print_table(fed, title: str) -> None:
     Console().print(table)
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Accuracy (mean, min-max band) and training loss against rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ev = [r for r in history if "eval/acc_mean" in r]
-    tr = [
-        r
-        for r in history
-        if r.get("train/loss_mean") == r.get("train/loss_mean") and "train/loss_mean" in r
-    ]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if ev:
-        x = [r["round"] for r in ev]
-        axes[0].plot(
-            x, [100 * r["eval/acc_mean"] for r in ev], marker="o", label="mean over clients"
-        )
-        axes[0].fill_between(
-            x,
-            [100 * r["eval/acc_min"] for r in ev],
-            [100 * r["eval/acc_max"] for r in ev],
-            alpha=0.2,
-            label="min-max",
-        )
-        axes[0].legend()
-    axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
-    if tr:
-        axes[1].plot([r["round"] for r in tr], [r["train/loss_mean"] for r in tr], marker="o")
-    axes[1].set(xlabel="round", ylabel="mean local loss", title="training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_results(fed, run_dir: Path) -> None:
+    from fedclip.report import plot_curves
+
     summary = fed.summary()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     plot_curves(fed.history, run_dir / "curves.png")
@@ -195,6 +162,9 @@ def cmd_fit(argv: list[str]) -> int:
     fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    from fedclip.report import write_partition
+
+    write_partition(fed.data.summary(), run_dir)
     try:
         fed.fit(resume=ns.resume)
     except KeyboardInterrupt:
@@ -226,7 +196,42 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate}
+def partition_parser() -> ArgumentParser:
+    parser = fit_parser()
+    parser.prog = "fedclip partition"
+    parser.description = (
+        "Show how the configured data and partitioner split the samples among clients: a "
+        "per-client table, and a JSON summary plus a heatmap PNG of the client-by-class counts."
+    )
+    parser.add_argument(
+        "--out",
+        type=str | None,
+        default=None,
+        help="path stem of the .json and .png (default: output_dir/partition-<dataset>)",
+    )
+    return parser
+
+
+def cmd_partition(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from fedclip.data.federated import FederatedData
+    from fedclip.report import partition_table, write_partition
+
+    parser = partition_parser()
+    ns = parser.parse_args(argv)
+    cfg, _ = build_fit_config(parser, ns)
+    data = FederatedData(cfg.data, cfg.seed)
+    summary = data.summary()
+    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / f"partition-{summary['dataset']}"
+    title = f"{summary['dataset']}: {summary['partitioner']}, seed {cfg.seed}"
+    Console().print(partition_table(summary, title))
+    for path in write_partition(summary, out.parent, out.name):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "partition": cmd_partition}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         print(
-            "usage: fedclip {fit,evaluate} [--config X.yaml] [options]  (fedclip fit -h for all keys)"
+            "usage: fedclip {fit,evaluate,partition} [--config X.yaml] [options]  "
+            "(fedclip fit -h for all keys)"
         )
         return 0 if not argv or argv[0] in {"-h", "--help"} else 2
     from fedclip.backbone import BackboneError

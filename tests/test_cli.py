@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,33 @@ def test_every_shipped_config_parses(path):
     parser = fit_parser()
     cfg, plain = build_fit_config(parser, parser.parse_args(["--config", str(path)]))
     assert cfg.federation.rounds >= 1 and plain["learner"]["class_path"]
+
+
+def test_partition_command_prints_table_and_writes_png(tmp_path, tiny_yaml, capsys):
+    code, out, err = run_here(
+        capsys, "partition", "--config", str(tiny_yaml), "--out", str(tmp_path / "p" / "part")
+    )
+    assert code == 0, err
+    assert "client" in out and "train" in out and "classes" in out
+    summary = json.loads((tmp_path / "p" / "part.json").read_text())
+    assert [r["client"] for r in summary["clients"]] == [0, 1]
+    assert sum(r["train"] for r in summary["clients"]) == 4 * 8  # IID covers every sample
+    assert len(summary["train_counts"][0]) == len(summary["classnames"]) == 4
+    png = (tmp_path / "p" / "part.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_saves_the_partition_in_the_run_folder(tmp_path, tiny_yaml, capsys):
+    code, _, err = run_here(
+        capsys,
+        "fit",
+        "--config",
+        str(tiny_yaml),
+        "--federation.rounds=1",
+        f"--output_dir={tmp_path}",
+        "--run_name=r",
+        "--progress=false",
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "partition.json").read_text())["dataset"] == "shapes"
+    assert (tmp_path / "r" / "partition.png").stat().st_size > 0

@@ -183,21 +183,42 @@ class FederatedData:
         flipped = self.clip.cached_image_features(f"{key}/hflip", _Flipped(dataset), idx, bs, nw)
         return torch.stack([plain, flipped], dim=1)
 
+    def client_domains(self) -> list[str | None]:
+        """Each client's domain: the most common domain among its training samples (None
+        for single-domain data)."""
+        names = self.source.domain_names
+        domains = self.source.domains("train") if names else None
+        if domains is None:
+            return [None] * self.num_clients
+        out: list[str | None] = []
+        for part in self.train_parts:
+            counts = np.bincount(domains[part], minlength=len(names)) if len(part) else None
+            out.append(names[int(counts.argmax())] if counts is not None else None)
+        return out
+
     def summary(self) -> dict:
-        """Per-client sample and class counts of both splits."""
+        """Per-client sample and class counts of both splits (and domain, if any)."""
         n_cls = len(self.all_classnames)
         train = partition_summary(self.train_parts, self.train_labels, n_cls)
         test = partition_summary(self.test_parts, self.test_labels, n_cls)
+        domains = self.client_domains()
+        clients = []
+        for k in range(self.num_clients):
+            row = {
+                "client": k,
+                "train": int(train[k].sum()),
+                "test": int(test[k].sum()),
+                "classes": int((train[k] > 0).sum()),
+            }
+            if domains[k] is not None:
+                row["domain"] = domains[k]
+            clients.append(row)
         return {
-            "clients": [
-                {
-                    "client": k,
-                    "train": int(train[k].sum()),
-                    "test": int(test[k].sum()),
-                    "classes": int((train[k] > 0).sum()),
-                }
-                for k in range(self.num_clients)
-            ],
+            "dataset": getattr(self.source, "name", type(self.source).__name__),
+            "partitioner": repr(self.partitioner),
+            "seed": self.seed,
+            "classnames": self.all_classnames,
+            "clients": clients,
             "train_counts": train.tolist(),
             "test_counts": test.tolist(),
         }
