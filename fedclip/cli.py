@@ -22,6 +22,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedclip.config import FitConfig
+from fedclip.data.datasets import DatasetSource
 
 DEFAULTS = {
     "learner": {"class_path": "fedclip.learners.TextualPrompt"},
@@ -63,6 +64,13 @@ def evaluate_parser() -> ArgumentParser:
         exit_on_error=False,
     )
     parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    parser.add_subclass_arguments(
+        DatasetSource,
+        "dataset",
+        required=False,
+        help="also evaluate on this data set's test split (cross-dataset transfer, e.g. "
+        "fedclip.data.ImageNetV2 after training on ImageNet); class_path + init_args",
+    )
     parser.add_argument(
         "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
     )
@@ -179,7 +187,8 @@ def cmd_fit(argv: list[str]) -> int:
 def cmd_evaluate(argv: list[str]) -> int:
     from fedclip.federation import Federation
 
-    ns = evaluate_parser().parse_args(argv)
+    eval_parser = evaluate_parser()
+    ns = eval_parser.parse_args(argv)
     run_dir = Path(ns.run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -190,6 +199,16 @@ def cmd_evaluate(argv: list[str]) -> int:
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
     metrics = fed.evaluation_metrics(fed.round)
+    if ns.get("dataset") is not None:
+        init = getattr(eval_parser, "instantiate", None) or eval_parser.instantiate_classes
+        source = init(ns).dataset
+        name = getattr(source, "name", type(source).__name__)
+        fed.data.add_transfer(name, source)
+        transfer = fed.evaluate_transfer(name)
+        metrics.update(transfer)
+        print(
+            f"{name}: accuracy {100 * transfer[f'transfer/{name}/acc']:.2f}% (pooled over clients)"
+        )
     fed.history.append({"round": float(fed.round), **metrics})
     (run_dir / "eval.json").write_text(json.dumps({"round": fed.round, **metrics}, indent=2))
     print_table(fed, f"{run_dir.name}: evaluation after round {fed.round}")

@@ -212,8 +212,9 @@ class Federation:
         client, learner = self.clients[k], self.clients[k].learner
         client.eval()
         trained_on = learner.classnames
-        learner.set_classes([self.data.all_classnames[c] for c in classes])
-        remap = torch.full((len(self.data.all_classnames),), -1, dtype=torch.long)
+        names = self.data.split_classnames(split)
+        learner.set_classes([names[c] for c in classes])
+        remap = torch.full((len(names),), -1, dtype=torch.long)
         remap[torch.as_tensor(classes)] = torch.arange(len(classes))
         remap = remap.to(self.fabric.device)
         metric = client_metric(len(classes)).to(self.fabric.device)
@@ -249,6 +250,23 @@ class Federation:
             else:
                 out[k] = self.evaluate_client(k)
         return out
+
+    def evaluate_transfer(self, name: str) -> dict[str, float]:
+        """Accuracy of every client, with its evaluation payload, on its share of the
+        transfer split `name`, among that data set's classes; pooled over clients as
+        `transfer/NAME/acc` (the whole test set's accuracy for a shared model)."""
+        ids = list(range(self.data.num_clients))
+        payloads = self.strategy.configure_evaluate(self.round, ids)
+        classes = list(range(len(self.data.split_classnames(name))))
+        correct = total = 0
+        metrics: dict[str, float] = {}
+        for k in ids:
+            self.clients[k].receive(self.clients[k].wanted(payloads.get(k)))
+            c, t = self.evaluate_client_on(k, name, classes)
+            correct, total = correct + c, total + t
+            metrics[f"transfer/{name}/client/{k}/acc"] = c / t if t else float("nan")
+        metrics[f"transfer/{name}/acc"] = correct / total if total else float("nan")
+        return metrics
 
     def evaluation_metrics(self, rnd: int) -> dict[str, float]:
         """Evaluate every client and return the logged metrics (keeps each client's

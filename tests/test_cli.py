@@ -226,3 +226,23 @@ def test_fit_saves_the_partition_in_the_run_folder(tmp_path, tiny_yaml, capsys):
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "partition.json").read_text())["dataset"] == "shapes"
     assert (tmp_path / "r" / "partition.png").stat().st_size > 0
+
+
+def test_evaluate_on_another_data_set(tmp_path, tiny_yaml, capsys):
+    """Cross-dataset evaluation: a trained run scored on another data set's test split."""
+    code, _, err = run_here(
+        capsys, "fit", "--config", str(tiny_yaml), "--federation.rounds=1",
+        f"--output_dir={tmp_path}", "--run_name=r", "--progress=false",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_here(
+        capsys, "evaluate", "--run_dir", str(tmp_path / "r"),
+        "--dataset", "fedclip.data.Shapes", "--dataset.num_classes", "6",
+        "--dataset.test_per_class", "3", "--dataset.image_size", "32", "--dataset.seed", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "shapes: accuracy" in out
+    result = json.loads((tmp_path / "r" / "eval.json").read_text())
+    pooled = result["transfer/shapes/acc"]
+    per_client = [result[f"transfer/shapes/client/{k}/acc"] for k in range(2)]
+    assert 0.0 <= pooled <= 1.0 and min(per_client) <= pooled <= max(per_client)

@@ -107,6 +107,25 @@ class FederatedData:
                 self.parts[name] = [np.sort(p) for p in shares]
         self.train_set = self.test_set = None
         self.clip = None
+        self.transfer: dict[str, DatasetSource] = {}  # other data sets' test splits
+
+    def add_transfer(self, name: str, source: DatasetSource) -> None:
+        """Evaluate on `source`'s test split too (cross-dataset, e.g. ImageNet -> ImageNet-V2):
+        its test images are split evenly (seeded) among the clients as split `name`."""
+        source.check()
+        labels = np.asarray(source.labels("test"), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, 2])
+        shares = np.array_split(rng.permutation(len(labels)), self.num_clients)
+        self.parts[name] = [np.sort(p) for p in shares]
+        self.transfer[name] = source
+        self._transfer_labels = {**getattr(self, "_transfer_labels", {}), name: labels}
+        self._transfer_sets = getattr(self, "_transfer_sets", {})
+        if self.clip is not None:
+            self._transfer_sets[name] = source.dataset("test", self.clip.preprocess_val)
+
+    def split_classnames(self, split: str) -> list[str]:
+        """Class names of the labels of `split` (another data set's for a transfer split)."""
+        return self.transfer[split].classnames if split in self.transfer else self.all_classnames
 
     @property
     def num_clients(self) -> int:
@@ -123,6 +142,9 @@ class FederatedData:
         train_tf = clip.preprocess_train if self.cfg.augment else clip.preprocess_val
         self.train_set = self.source.dataset("train", train_tf)
         self.test_set = self.source.dataset("test", clip.preprocess_val)
+        self._transfer_sets = {
+            name: src.dataset("test", clip.preprocess_val) for name, src in self.transfer.items()
+        }
 
     def num_train(self, k: int) -> int:
         return len(self.train_parts[k])
@@ -140,6 +162,9 @@ class FederatedData:
         cached = self.use_train_cache if split == "train" else self.use_test_cache
         bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
         key = self.source.key("train" if split == "train" else "test")
+        if split in self.transfer:
+            dataset, labels = self._transfer_sets[split], self._transfer_labels[split]
+            key = self.transfer[split].key("test")
         idx = parts[k]
         if len(idx) == 0:
             return
