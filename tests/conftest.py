@@ -117,7 +117,6 @@ def fit_shipped_config_offline(name: str, tmp_path: Path, *extra: str) -> dict:
             "--backbone.model=fedclip-tiny-vit",
             "--backbone.pretrained=null",
             f"--data.dataset.init_args.root={tmp_path / 'data'}",
-            "--data.dataset.init_args.download=false",
             "--data.num_workers=0",
             "--federation.rounds=1",
             "--fabric.accelerator=cpu",

@@ -397,7 +397,9 @@ def test_personalisation_beats_fedavg_under_strong_label_skew(shapes_cache):
 
 def test_pfedmoap_cifar100_config_runs_one_round(tmp_path, skip_md5):
     write_cifar100_full(tmp_path / "data")
-    summary = fit_shipped_config_offline("pfedmoap_cifar100.yaml", tmp_path)
+    summary = fit_shipped_config_offline(
+        "pfedmoap_cifar100.yaml", tmp_path, "--data.dataset.init_args.download=false"
+    )
     assert len(summary["clients"]) == 100
     assert sum(c["train"] for c in summary["clients"]) == 600  # the partition covers all
     assert summary["config"]["strategy"] == "PFedMoAP"

@@ -345,7 +345,10 @@ def test_base_to_novel_trains_textual_prompts(tiny_vit):
 def test_fedmvp_cifar100_b2n_config_runs_one_round(tmp_path, skip_md5):
     write_cifar100_full(tmp_path / "data", per_class=(10, 2))
     summary = fit_shipped_config_offline(
-        "fedmvp_cifar100_b2n.yaml", tmp_path, "--federation.eval_at_start=false"
+        "fedmvp_cifar100_b2n.yaml",
+        tmp_path,
+        "--data.dataset.init_args.download=false",
+        "--federation.eval_at_start=false",
     )
     assert len(summary["clients"]) == 10
     assert all(c["classes"] == 5 and c["train"] == 5 * 8 for c in summary["clients"])

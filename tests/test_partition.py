@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 
-from fedclip.data import (
+from fedclip.data.partition import (
     IID,
+    ByDomain,
     Dirichlet,
+    DomainDirichlet,
     FewShot,
+    LeaveOneDomainOut,
     Partitioner,
     Pathological,
+    PathologicalFewShot,
     TwoLevelDirichlet,
     partition_summary,
     split_like,
@@ -28,28 +35,83 @@ def labels() -> np.ndarray:
     return np.concatenate([np.repeat(np.arange(NUM_CLASSES), 20), extra])
 
 
-# (id, partitioner factory, covers all samples for this num_clients?)
+def domain_ids(num_domains: int, n: int = 1000, seed: int = 4321) -> np.ndarray:
+    """A domain id for each of n samples, every domain about equally often."""
+    return np.random.default_rng(seed).permutation(np.arange(n) % num_domains)
+
+
+class Case(NamedTuple):
+    id: str
+    make: Callable[[], Partitioner]
+    covers: Callable[[int], bool]  # covers all samples for this num_clients?
+    # number of domains to give for this num_clients (0: infeasible); None: no domains needed
+    domains: Callable[[int], int] | None = None
+    seeded: bool = True  # does the seed change the partition? (one client per domain: no)
+
+
 CASES = [
-    ("iid", IID, lambda k: True),
-    ("dirichlet", lambda: Dirichlet(alpha=0.5, min_size=5), lambda k: True),
-    ("dirichlet-skewed", lambda: Dirichlet(alpha=0.05, min_size=2), lambda k: True),
-    ("pathological", lambda: Pathological(2), lambda k: k * 2 >= NUM_CLASSES),
-    ("pathological-unbalanced", lambda: Pathological(3, balanced=False), lambda k: k * 3 >= 20),
-    ("pathological-disjoint", lambda: Pathological(2, disjoint=True), lambda k: k * 2 == 20),
-    ("two-level", lambda: TwoLevelDirichlet(0.5, 10.0, GROUPS), lambda k: True),
-    ("two-level-skewed", lambda: TwoLevelDirichlet(0.05, 1.0, GROUPS), lambda k: True),
-    ("fewshot", lambda: FewShot(4), lambda k: False),
-    ("fewshot-dirichlet", lambda: FewShot(3, Dirichlet(0.3, min_size=1)), lambda k: False),
-    ("fewshot-disjoint", lambda: FewShot(8, Pathological(2, disjoint=True)), lambda k: False),
+    Case("iid", IID, lambda k: True),
+    Case("dirichlet", lambda: Dirichlet(alpha=0.5, min_size=5), lambda k: True),
+    Case("dirichlet-skewed", lambda: Dirichlet(alpha=0.05, min_size=2), lambda k: True),
+    Case("pathological", lambda: Pathological(2), lambda k: k * 2 >= NUM_CLASSES),
+    Case("pathological-unbalanced", lambda: Pathological(3, balanced=False), lambda k: k * 3 >= 20),
+    Case("pathological-disjoint", lambda: Pathological(2, disjoint=True), lambda k: k * 2 == 20),
+    Case("two-level", lambda: TwoLevelDirichlet(0.5, 10.0, GROUPS), lambda k: True),
+    Case("two-level-skewed", lambda: TwoLevelDirichlet(0.05, 1.0, GROUPS), lambda k: True),
+    Case("fewshot", lambda: FewShot(4), lambda k: False),
+    Case("fewshot-dirichlet", lambda: FewShot(3, Dirichlet(0.3, min_size=1)), lambda k: False),
+    Case("fewshot-disjoint", lambda: FewShot(8, Pathological(2, disjoint=True)), lambda k: False),
+    Case("pathological-fewshot", lambda: PathologicalFewShot(4), lambda k: False),
+    Case("by-domain", ByDomain, lambda k: True, lambda k: k, seeded=False),
+    Case(
+        "by-domain-iid",
+        lambda: ByDomain(5),
+        lambda k: True,
+        lambda k: k // 5 if k % 5 == 0 else 0,
+    ),
+    Case(
+        "by-domain-pathological",
+        lambda: ByDomain(5, Pathological(4)),
+        lambda k: True,
+        lambda k: k // 5 if k % 5 == 0 else 0,
+    ),
+    Case(
+        "domain-dirichlet",
+        lambda: DomainDirichlet(0.3, clients_per_domain=5, min_size=2),
+        lambda k: True,
+        lambda k: k // 5 if k % 5 == 0 else 0,
+    ),
+    Case("lodo", LeaveOneDomainOut, lambda k: False, lambda k: k + 1, seeded=False),
+    Case(
+        "lodo-dirichlet",
+        lambda: LeaveOneDomainOut(1, 5, Dirichlet(0.5, min_size=2)),
+        lambda k: False,
+        lambda k: k // 5 + 1 if k % 5 == 0 else 0,
+    ),
+    Case("fewshot-by-domain", lambda: FewShot(4, ByDomain()), lambda k: False, lambda k: k),
 ]
-IDS = [c[0] for c in CASES]
+IDS = [c.id for c in CASES]
 
 
-@pytest.mark.parametrize("num_clients", [1, 5, 10])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+# every case with every number of clients it can have (a domain case needs whole domains)
+SIZES = [
+    pytest.param(case, k, id=f"{case.id}-{k}")
+    for case in CASES
+    for k in (1, 5, 10)
+    if case.domains is None or case.domains(k) >= 1
+]
+
+
+def run_case(case: Case, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    domains = None
+    if case.domains is not None:
+        domains = domain_ids(case.domains(num_clients), len(labels))
+    return case.make()(labels, num_clients, seed, domains=domains)
+
+
+@pytest.mark.parametrize("case,num_clients", SIZES)
 def test_disjoint_sorted_and_covering(case, num_clients, labels):
-    _, make, covers = case
-    parts = make()(labels, num_clients, seed=0)
+    parts = run_case(case, labels, num_clients, seed=0)
     assert len(parts) == num_clients
     for p in parts:
         assert p.dtype == np.int64 and p.ndim == 1
@@ -57,19 +119,19 @@ def test_disjoint_sorted_and_covering(case, num_clients, labels):
         assert p.size == 0 or (p.min() >= 0 and p.max() < len(labels))
     together = np.concatenate(parts)
     assert len(np.unique(together)) == len(together), "clients must not share samples"
-    if covers(num_clients):
+    if case.covers(num_clients):
         assert len(together) == len(labels)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("seed", [0, 7])
 def test_deterministic_per_seed(case, seed, labels):
-    _, make, _ = case
-    a = make()(labels, 5, seed)
-    b = make()(labels, 5, seed)  # a fresh instance: no state carried between calls
-    c = make()(labels, 5, seed + 1)
+    a = run_case(case, labels, 5, seed)
+    b = run_case(case, labels, 5, seed)  # a fresh instance: no state carried between calls
+    c = run_case(case, labels, 5, seed + 1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    if case.seeded:
+        assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_no_global_rng(labels):
@@ -176,7 +238,7 @@ def test_infeasible(partitioner, num_clients, arg, labels):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bad_call_args(case, labels):
-    p: Partitioner = case[1]()
+    p: Partitioner = case.make()
     with pytest.raises(ValueError, match="num_clients"):
         p(labels, 0, seed=0)
     with pytest.raises(ValueError, match="labels"):
@@ -259,7 +321,7 @@ def test_two_level_concentrates_on_few_groups(seed, labels):
 
 
 def test_two_level_takes_the_data_sets_groups(labels):
-    from fedclip.data import Shapes
+    from fedclip.data.datasets import Shapes
 
     bound = TwoLevelDirichlet(0.5).bind(Shapes(num_classes=10))
     assert bound.groups == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]  # by shape: circle, square, ...
@@ -273,3 +335,210 @@ def test_two_level_takes_the_data_sets_groups(labels):
 
     with pytest.raises(ValueError, match="has no class groups"):
         TwoLevelDirichlet().bind(NoGroups())
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain partitioners
+
+
+@pytest.fixture(scope="module")
+def test_labels() -> np.ndarray:
+    return np.random.default_rng(5).permutation(np.repeat(np.arange(NUM_CLASSES), 30))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.domains is None], ids=lambda c: c.id)
+def test_domains_do_not_change_plain_partitioners(case, labels):
+    p = case.make()
+    assert not p.needs_domains
+    assert p.domain_of_clients(domain_ids(3), 5) is None
+    a = p(labels, 5, seed=1)
+    b = p(labels, 5, seed=1, domains=domain_ids(3))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("per_domain", [1, 3])
+@pytest.mark.parametrize(
+    "inner", [None, Dirichlet(0.5, min_size=2), Pathological(5)], ids=["iid", "dir", "path"]
+)
+def test_by_domain_keeps_clients_in_their_domain(per_domain, inner, labels, test_labels):
+    train_domains = domain_ids(4) + 2  # ids 2..5: the clients follow the ids present
+    test_domains = domain_ids(4, len(test_labels), seed=9) + 2
+    p = ByDomain(per_domain, inner)
+    k = 4 * per_domain
+    parts = p(labels, k, seed=3, domains=train_domains)
+    owner = p.domain_of_clients(train_domains, k)
+    assert owner == [d for d in (2, 3, 4, 5) for _ in range(per_domain)]
+    for part, d in zip(parts, owner, strict=True):
+        assert len(part) > 0 and np.all(train_domains[part] == d)
+    if inner is None or isinstance(inner, Dirichlet):
+        assert sum(len(x) for x in parts) == len(labels)
+    tests = p.split_test(parts, labels, test_labels, 3, train_domains, test_domains)
+    together = np.concatenate(tests)
+    assert len(np.unique(together)) == len(together)
+    for part, tpart, d in zip(parts, tests, owner, strict=True):
+        assert np.all(test_domains[tpart] == d), "test samples of the client's domain only"
+        held = set(labels[part].tolist())
+        assert set(test_labels[tpart].tolist()) <= held
+    # inside a domain the test split is split_like over the domain's clients
+    for d in (2, 3, 4, 5):
+        ks = [j for j, o in enumerate(owner) if o == d]
+        idx = np.flatnonzero(test_domains == d)
+        like = split_like([parts[j] for j in ks], labels, test_labels[idx], 3)
+        for j, share in zip(ks, like, strict=True):
+            np.testing.assert_array_equal(tests[j], idx[share])
+    again = p.split_test(parts, labels, test_labels, 3, train_domains, test_domains)
+    assert all(np.array_equal(a, b) for a, b in zip(tests, again, strict=True))
+
+
+def test_domain_dirichlet_is_by_domain_with_dirichlet(labels):
+    doms = domain_ids(3)
+    a = DomainDirichlet(0.2, clients_per_domain=4, min_size=3)(labels, 12, 5, domains=doms)
+    b = ByDomain(4, Dirichlet(0.2, min_size=3))(labels, 12, 5, domains=doms)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert min(len(x) for x in a) >= 3
+    assert repr(DomainDirichlet()) == "DomainDirichlet(alpha=0.5, clients_per_domain=2, min_size=2)"
+
+
+@pytest.mark.parametrize("held_out", [0, 2])
+@pytest.mark.parametrize("per_domain", [1, 2])
+def test_leave_one_domain_out(held_out, per_domain, labels, test_labels):
+    train_domains, test_domains = domain_ids(4), domain_ids(4, len(test_labels), seed=9)
+    p = LeaveOneDomainOut(held_out, per_domain)
+    k = 3 * per_domain
+    parts = p(labels, k, seed=0, domains=train_domains)
+    owner = p.domain_of_clients(train_domains, k)
+    assert held_out not in owner and sorted(set(owner)) == sorted({0, 1, 2, 3} - {held_out})
+    together = np.concatenate(parts)
+    assert not np.any(train_domains[together] == held_out), "never trains on the held-out domain"
+    np.testing.assert_array_equal(np.sort(together), np.flatnonzero(train_domains != held_out))
+    for part, d in zip(parts, owner, strict=True):
+        assert np.all(train_domains[part] == d)
+    tests = p.split_test(parts, labels, test_labels, 0, train_domains, test_domains)
+    pooled = np.sort(np.concatenate(tests))
+    np.testing.assert_array_equal(pooled, np.flatnonzero(test_domains == held_out))
+    sizes = [len(t) for t in tests]
+    assert max(sizes) - min(sizes) <= 1
+    counts = partition_summary(tests, test_labels, NUM_CLASSES)
+    assert np.all(counts.max(0) - counts.min(0) <= 1), "stratified by class"
+    again = p.split_test(parts, labels, test_labels, 0, train_domains, test_domains)
+    other = p.split_test(parts, labels, test_labels, 1, train_domains, test_domains)
+    assert all(np.array_equal(a, b) for a, b in zip(tests, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(tests, other, strict=True))
+
+
+class FakeSource:
+    domain_names = ["clipart", "painting", "real"]
+    class_groups = None
+
+
+def test_leave_one_domain_out_bind():
+    bound = LeaveOneDomainOut("painting").bind(FakeSource())
+    assert bound.held_out == 1
+    assert LeaveOneDomainOut(2).bind(FakeSource()).held_out == 2
+    with pytest.raises(ValueError, match="its domains are clipart, painting, real"):
+        LeaveOneDomainOut("sketch").bind(FakeSource())
+    with pytest.raises(ValueError, match="has 3 domains"):
+        LeaveOneDomainOut(3).bind(FakeSource())
+    with pytest.raises(ValueError, match="has no domains"):
+        LeaveOneDomainOut("painting").bind(object())
+    with pytest.raises(ValueError, match="bind"):
+        LeaveOneDomainOut("painting")(np.zeros(6, int), 2, 0, domains=np.arange(6) % 3)
+    inner = LeaveOneDomainOut("real", 1, TwoLevelDirichlet(0.5))
+
+    class WithGroups(FakeSource):
+        class_groups = [0, 0, 1]
+
+    bound = inner.bind(WithGroups())
+    assert bound.inner.groups == [0, 0, 1] and bound.held_out == 2
+    assert inner.held_out == "real" and inner.inner.groups is None, "bind does not mutate"
+
+
+def test_fewshot_over_domains(labels, test_labels):
+    doms, test_doms = domain_ids(3), domain_ids(3, len(test_labels), seed=9)
+    p = FewShot(2, ByDomain(2))
+    assert p.needs_domains and not FewShot(2).needs_domains
+    with pytest.raises(ValueError, match="domain"):
+        p(labels, 6, seed=0)
+    parts = p(labels, 6, seed=0, domains=doms)
+    owner = p.domain_of_clients(doms, 6)
+    assert owner == [0, 0, 1, 1, 2, 2]
+    assert partition_summary(parts, labels, NUM_CLASSES).max() <= 2
+    tests = p.split_test(parts, labels, test_labels, 0, doms, test_doms)
+    for part, d in zip(tests, owner, strict=True):
+        assert len(part) and np.all(test_doms[part] == d)
+
+
+def test_pathological_fewshot(labels):
+    parts = PathologicalFewShot(shots=5)(labels, 6, seed=4)
+    same = FewShot(5, Pathological(NUM_CLASSES // 6, disjoint=True))(labels, 6, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, same, strict=True))
+    counts = partition_summary(parts, labels, NUM_CLASSES)
+    assert np.all((counts > 0).sum(1) == 3) and counts.max() == 5
+    assert (counts > 0).sum(0).max() == 1, "no class is shared"
+    counts = partition_summary(PathologicalFewShot(2, 1)(labels, 6, seed=4), labels, NUM_CLASSES)
+    assert np.all((counts > 0).sum(1) == 1) and counts.max() == 2
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda: ByDomain(clients_per_domain=0), "clients_per_domain"),
+        (lambda: DomainDirichlet(alpha=0), "alpha"),
+        (lambda: DomainDirichlet(min_size=-1), "min_size"),
+        (lambda: DomainDirichlet(clients_per_domain=0), "clients_per_domain"),
+        (lambda: LeaveOneDomainOut(held_out=-1), "held_out"),
+        (lambda: LeaveOneDomainOut(held_out=""), "held_out"),
+        (lambda: LeaveOneDomainOut(held_out=1.5), "held_out"),
+        (lambda: LeaveOneDomainOut(clients_per_domain=0), "clients_per_domain"),
+        (lambda: PathologicalFewShot(shots=0), "shots"),
+        (lambda: PathologicalFewShot(classes_per_client=0), "classes_per_client"),
+    ],
+)
+def test_bad_domain_constructor_args(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+def test_domain_inner_must_be_partitioner():
+    with pytest.raises(TypeError, match="inner"):
+        ByDomain(inner="iid")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "partitioner,num_clients,domains,match",
+    [
+        (ByDomain(), 5, domain_ids(4), r"num_clients=5 must equal the 4 domains x "),
+        (ByDomain(2), 4, domain_ids(4), r"4 domains x clients_per_domain=2 = 8"),
+        (ByDomain(), 4, None, "needs the domain of every sample"),
+        (DomainDirichlet(), 8, None, "needs the domain of every sample"),
+        (ByDomain(), 4, domain_ids(4, 999), "domains must be 1-D with one id per sample"),
+        (ByDomain(), 4, domain_ids(4).astype(float), "domains must be integers"),
+        (ByDomain(), 4, domain_ids(4) - 1, "domains must be >= 0"),
+        (ByDomain(2, Dirichlet(min_size=200)), 8, domain_ids(4), "in domain 0: Dirichlet"),
+        (LeaveOneDomainOut(7), 3, domain_ids(4), r"held_out=7 is not among the domains"),
+        (LeaveOneDomainOut(0), 1, domain_ids(1), "at least two domains"),
+        (LeaveOneDomainOut(0), 4, domain_ids(4), r"3 domains x clients_per_domain=1 = 3"),
+        (PathologicalFewShot(), 21, None, "num_clients=21 exceeds the 20 classes"),
+        (PathologicalFewShot(4, 3), 7, None, "disjoint"),
+    ],
+)
+def test_domain_infeasible(partitioner, num_clients, domains, match, labels):
+    with pytest.raises(ValueError, match=match):
+        partitioner(labels, num_clients, seed=0, domains=domains)
+
+
+def test_domain_split_test_errors(labels, test_labels):
+    doms, test_doms = domain_ids(2), domain_ids(2, len(test_labels))
+    parts = ByDomain()(labels, 2, 0, domains=doms)
+    with pytest.raises(ValueError, match="needs train_domains and test_domains"):
+        ByDomain().split_test(parts, labels, test_labels, 0)
+    with pytest.raises(ValueError, match="holds samples of other domains"):
+        ByDomain().split_test(parts[::-1], labels, test_labels, 0, doms, test_doms)
+    with pytest.raises(ValueError, match="num_clients=3"):
+        ByDomain().split_test(parts + [parts[0]], labels, test_labels, 0, doms, test_doms)
+    with pytest.raises(ValueError, match="needs test_domains"):
+        LeaveOneDomainOut(0).split_test(parts[1:], labels, test_labels, 0, doms)
+    with pytest.raises(ValueError, match="no test samples"):
+        LeaveOneDomainOut(0).split_test(
+            parts[1:], labels, test_labels, 0, doms, np.ones(len(test_labels), np.int64)
+        )

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
-from fedclip.data.partition import Dirichlet, Partitioner, partition_summary, split_like
+from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
 from fedclip.learners.base import Batch
 
 
@@ -93,9 +93,25 @@ class FederatedData:
         self.classnames = self.all_classnames[: self.num_base]  # what clients train on
         # partition the training samples of the training classes only
         pool = np.flatnonzero(self.train_labels < self.num_base)
-        parts = self.partitioner(self.train_labels[pool], cfg.num_clients, seed)
+        self.train_domains = self.source.domains("train")
+        self.test_domains = self.source.domains("test")
+        parts = self.partitioner(
+            self.train_labels[pool],
+            cfg.num_clients,
+            seed,
+            domains=None if self.train_domains is None else self.train_domains[pool],
+        )
         self.train_parts = [pool[p] for p in parts]
-        self.test_parts = split_like(self.train_parts, self.train_labels, self.test_labels, seed)
+        self.test_parts = self.partitioner.split_test(
+            self.train_parts,
+            self.train_labels,
+            self.test_labels,
+            seed,
+            train_domains=self.train_domains,
+            test_domains=self.test_domains,
+        )
+        if cfg.base_to_novel:  # local evaluation stays on the training classes
+            self.test_parts = [p[self.test_labels[p] < self.num_base] for p in self.test_parts]
         self.parts = {"train": self.train_parts, "test": self.test_parts}
         if cfg.base_to_novel:  # an even, seeded share of each class set's test images
             rng = np.random.default_rng([seed, 1])
@@ -212,9 +228,12 @@ class FederatedData:
         """Each client's domain: the most common domain among its training samples (None
         for single-domain data)."""
         names = self.source.domain_names
-        domains = self.source.domains("train") if names else None
+        domains = self.train_domains if names else None
         if domains is None:
             return [None] * self.num_clients
+        owner = self.partitioner.domain_of_clients(domains, self.num_clients)
+        if owner is not None:
+            return [names[d] if d is not None and d >= 0 else None for d in owner]
         out: list[str | None] = []
         for part in self.train_parts:
             counts = np.bincount(domains[part], minlength=len(names)) if len(part) else None
