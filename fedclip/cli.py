@@ -104,29 +104,28 @@ def print_table(fed, title: str) -> None:
     from rich.table import Table
 
     summary = fed.summary()
+    name = fed.metric
+    nan = float("nan")
     table = Table(title=title)
-    for col in ("client", "train", "test", "classes", "acc %"):
+    for col in ("client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"):
         table.add_column(col, justify="right")
     for row in summary["clients"]:
-        acc = row["acc"]
+        value = row[name]
         table.add_row(
             str(row["client"]),
             str(row["train"]),
             str(row["test"]),
             str(row["classes"]),
-            "-" if acc != acc else f"{100 * acc:.2f}",
+            "-" if value != value else f"{100 * value:.2f}",
         )
     ev = summary["eval"]
     if ev:
         table.add_section()
-        table.add_row(
-            "mean",
-            "",
-            "",
-            "",
-            f"{100 * ev.get('eval/acc_mean', float('nan')):.2f} ± {100 * ev.get('eval/acc_std', float('nan')):.2f}",
-        )
-        table.add_row("min", "", "", "", f"{100 * ev.get('eval/acc_min', float('nan')):.2f}")
+        mean, std = ev.get(f"eval/{name}_mean", nan), ev.get(f"eval/{name}_std", nan)
+        table.add_row("mean", "", "", "", f"{100 * mean:.2f} ± {100 * std:.2f}")
+        table.add_row("min", "", "", "", f"{100 * ev.get(f'eval/{name}_min', nan):.2f}")
+        if "eval/map_pooled" in ev:
+            table.add_row("pooled", "", "", "", f"{100 * ev['eval/map_pooled']:.2f}")
         if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
             for key in ("base", "novel", "hm"):
                 table.add_row(key, "", "", "", f"{100 * ev[f'eval/{key}']:.2f}")

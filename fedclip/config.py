@@ -11,7 +11,7 @@ from typing import Literal
 
 from fedclip.backbone import BackboneConfig
 from fedclip.data.federated import DataConfig
-from fedclip.learners.base import OptimConfig, PromptLearner
+from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
 from fedclip.strategies.base import Strategy
 from fedclip.strategies.fedavg import FedAvg
@@ -84,6 +84,7 @@ class FitConfig:
         optim: local optimiser.
         fabric: devices and precision.
         logger: metric loggers.
+        multilabel: loss of multi-label data sets (ignored for single-label ones).
     """
 
     seed: int = 0
@@ -97,3 +98,4 @@ class FitConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)

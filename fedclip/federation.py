@@ -31,7 +31,12 @@ from fedclip.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 from fedclip.client import ClientModule
 from fedclip.config import FitConfig
 from fedclip.data.federated import FederatedData
-from fedclip.metrics import base_to_novel_metrics, client_metric, summarize
+from fedclip.metrics import (
+    base_to_novel_metrics,
+    client_metric,
+    multilabel_metrics,
+    summarize,
+)
 from fedclip.progress import Progress
 from fedclip.strategies.base import ClientResult, Payload
 
@@ -126,9 +131,15 @@ class Federation:
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[int, float] = {}
 
+    @property
+    def metric(self) -> str:
+        """The headline metric: 'acc', or 'map' for multi-label data."""
+        return "map" if self.data.multilabel else "acc"
+
     # ---- construction ------------------------------------------------------------------
     def _make_client(self, k: int) -> ClientModule:
         learner = copy.deepcopy(self.cfg.learner)  # the config's instance is never set up
+        learner.set_task(self.data.multilabel, self.cfg.multilabel)
         learner.setup(self.clip, self.classnames, self.cfg.seed)
         steps = self.cfg.federation.local_epochs * self.data.steps_per_epoch(k)
         client = ClientModule(
@@ -207,6 +218,22 @@ class Federation:
         return float(client.accuracy.compute()) if seen else float("nan")
 
     @torch.no_grad()
+    def predict_client(self, k: int, split: str = "test") -> tuple[Tensor, Tensor]:
+        """Client k's logits (N, C) and labels or targets on `split`, on the CPU."""
+        client = self.clients[k]
+        client.eval()
+        scores, labels = [], []
+        for batch in self.data.batches(k, split):
+            batch = batch.to(self.fabric.device)
+            with self.fabric.autocast():
+                scores.append(client(batch).float().cpu())
+            labels.append(batch.labels.cpu())
+        if not scores:
+            n = len(self.data.all_classnames)
+            return torch.zeros(0, n), torch.zeros(0, n)
+        return torch.cat(scores), torch.cat(labels)
+
+    @torch.no_grad()
     def evaluate_client_on(self, k: int, split: str, classes: list[int]) -> tuple[int, int]:
         """(correct, total) of client k on `split`, classifying among `classes` (ids)."""
         client, learner = self.clients[k], self.clients[k].learner
@@ -241,7 +268,9 @@ class Federation:
         novel = list(range(self.data.num_base, len(self.data.all_classnames)))
         for k in ids:
             self.clients[k].receive(self.clients[k].wanted(payloads.get(k)))
-            if self.data.cfg.base_to_novel:
+            if self.data.multilabel:
+                out[k] = self.predict_client(k)
+            elif self.data.cfg.base_to_novel:
                 out[k] = {
                     "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
                     "base": self.evaluate_client_on(k, "base", base),
@@ -272,10 +301,14 @@ class Federation:
         """Evaluate every client and return the logged metrics (keeps each client's
         accuracy for the summary table)."""
         metrics = self._eval_metrics(self.evaluate(rnd))
-        self.last_eval = {k: metrics[f"client/{k}/acc"] for k in range(self.data.num_clients)}
+        self.last_eval = {
+            k: metrics[f"client/{k}/{self.metric}"] for k in range(self.data.num_clients)
+        }
         return metrics
 
     def _eval_metrics(self, result: dict) -> dict[str, float]:
+        if self.data.multilabel:
+            return multilabel_metrics(result, self.data.all_classnames)
         if self.data.cfg.base_to_novel:
             return base_to_novel_metrics(result)
         weights = {k: len(self.data.test_parts[k]) for k in result}
@@ -397,7 +430,7 @@ class Federation:
     def summary(self) -> dict[str, Any]:
         part = self.data.summary()
         for row in part["clients"]:
-            row["acc"] = self.last_eval.get(row["client"], float("nan"))
+            row[self.metric] = self.last_eval.get(row["client"], float("nan"))
             experts = getattr(self.clients[row["client"]].learner, "expert_ids", None)
             if experts is not None:  # pFedMoAP: the experts the client holds now
                 row["experts"] = list(experts)
@@ -408,6 +441,11 @@ class Federation:
             "rounds_completed": self.round,
             "clients": part["clients"],
             "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
+            "per_class_ap": {
+                k[len("class/") : -len("/ap")]: v
+                for k, v in final.items()
+                if k.startswith("class/") and k.endswith("/ap")
+            },
             "traffic": {"up_bytes": total_up, "down_bytes": total_down},
             "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
             "config": {
@@ -417,4 +455,5 @@ class Federation:
                 "backbone": self.cfg.backbone.model,
             },
             "optim": asdict(self.cfg.optim),
+            "metric": self.metric,
         }

@@ -73,3 +73,49 @@ def base_to_novel_metrics(result: dict[int, dict[str, tuple[int, int]]]) -> dict
         metrics[f"client/{k}/base"] = acc(r["base"])
         metrics[f"client/{k}/novel"] = acc(r["novel"])
     return metrics
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class AP (C,) of scores (N, C) against 0/1 targets (N, C) (torchmetrics);
+    NaN for a class with no positive, which has no AP (torchmetrics would report 0)."""
+    import warnings
+
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    targets = targets.long()
+    present = targets.sum(0) > 0
+    with warnings.catch_warnings():  # the absent classes' warning: they are masked below
+        warnings.filterwarnings("ignore", message="No positive samples found")
+        ap = multilabel_average_precision(
+            scores.float(), targets, num_labels=targets.shape[1], average="none"
+        )
+    return torch.where(present, ap.float(), torch.full_like(ap.float(), float("nan")))
+
+
+def mean_ap(ap: torch.Tensor) -> float:
+    """mAP over the classes that have an AP (at least one positive)."""
+    ap = ap[~torch.isnan(ap)]
+    return float(ap.mean()) if len(ap) else float("nan")
+
+
+def multilabel_metrics(
+    result: dict[int, tuple[torch.Tensor, torch.Tensor]], classnames: list[str]
+) -> dict[str, float]:
+    """Per-client mAP over the labels present in that client's test split, its summary over
+    clients (`eval/map_*`), the pooled mAP of all clients' predictions (`eval/map_pooled`)
+    and the pooled per-class AP (`class/<name>/ap`)."""
+    per_client = {}
+    for k, (scores, targets) in result.items():
+        per_client[k] = mean_ap(average_precision(scores, targets)) if len(scores) else math.nan
+    weights = {k: len(result[k][0]) for k in result}
+    metrics = {f"eval/map_{name}": v for name, v in summarize(per_client, weights).items()}
+    seen = [k for k in result if len(result[k][0])]
+    if seen:
+        pooled = average_precision(
+            torch.cat([result[k][0] for k in seen]), torch.cat([result[k][1] for k in seen])
+        )
+        metrics["eval/map_pooled"] = mean_ap(pooled)
+        for name, ap in zip(classnames, pooled.tolist(), strict=True):
+            metrics[f"class/{name}/ap"] = ap
+    metrics.update({f"client/{k}/map": v for k, v in per_client.items()})
+    return metrics

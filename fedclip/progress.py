@@ -22,12 +22,16 @@ def round_line(metrics: dict[str, float], rounds: int) -> str:
     loss = metrics.get("train/loss_mean", float("nan"))
     if not math.isnan(loss):
         parts.append(f"loss {loss:.4f}")
-    if "eval/acc_mean" in metrics:
+    name = "map" if "eval/map_mean" in metrics else "acc"
+    if f"eval/{name}_mean" in metrics:
+        label = {"map": "mAP", "acc": "local" if "eval/hm" in metrics else "acc"}[name]
         parts.append(
-            f"{'local' if 'eval/hm' in metrics else 'acc'} {100 * metrics['eval/acc_mean']:.2f}% "
-            f"± {100 * metrics['eval/acc_std']:.2f} "
-            f"(min {100 * metrics['eval/acc_min']:.2f})"
+            f"{label} {100 * metrics[f'eval/{name}_mean']:.2f}% "
+            f"± {100 * metrics[f'eval/{name}_std']:.2f} "
+            f"(min {100 * metrics[f'eval/{name}_min']:.2f})"
         )
+    if "eval/map_pooled" in metrics:
+        parts.append(f"pooled mAP {100 * metrics['eval/map_pooled']:.2f}%")
     if "eval/hm" in metrics:  # base-to-novel
         parts.append(
             f"base {100 * metrics['eval/base']:.2f}% novel {100 * metrics['eval/novel']:.2f}% "

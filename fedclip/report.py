@@ -19,7 +19,8 @@ def _pyplot():
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     """Accuracy (mean, min-max band) and training loss against rounds."""
     plt = _pyplot()
-    ev = [r for r in history if "eval/acc_mean" in r]
+    name = "map" if any("eval/map_mean" in r for r in history) else "acc"
+    ev = [r for r in history if f"eval/{name}_mean" in r]
     tr = [
         r
         for r in history
@@ -29,20 +30,23 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     if ev:
         x = [r["round"] for r in ev]
         axes[0].plot(
-            x, [100 * r["eval/acc_mean"] for r in ev], marker="o", label="mean over clients"
+            x, [100 * r[f"eval/{name}_mean"] for r in ev], marker="o", label="mean over clients"
         )
         axes[0].fill_between(
             x,
-            [100 * r["eval/acc_min"] for r in ev],
-            [100 * r["eval/acc_max"] for r in ev],
+            [100 * r[f"eval/{name}_min"] for r in ev],
+            [100 * r[f"eval/{name}_max"] for r in ev],
             alpha=0.2,
             label="min-max",
         )
-        for key, label in (("eval/base", "base"), ("eval/novel", "novel"), ("eval/hm", "HM")):
+        extra = (("eval/base", "base"), ("eval/novel", "novel"), ("eval/hm", "HM"))
+        extra += (("eval/map_pooled", "pooled mAP"),)
+        for key, label in extra:
             if key in ev[0]:
                 axes[0].plot(x, [100 * r[key] for r in ev], marker=".", label=label)
         axes[0].legend()
-    axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
+    title = "mAP" if name == "map" else "accuracy"
+    axes[0].set(xlabel="round", ylabel=f"test {title} (%)", title=title)
     if tr:
         axes[1].plot([r["round"] for r in tr], [r["train/loss_mean"] for r in tr], marker="o")
     axes[1].set(xlabel="round", ylabel="mean local loss", title="training loss")

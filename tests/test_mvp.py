@@ -168,7 +168,7 @@ def test_consistency_loss_is_zero_when_features_coincide(mvp):
     labels = torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         f = mvp.prompted_features(images)
-        ce = F.cross_entropy(mvp.scores(f), labels)
+        ce = F.cross_entropy(mvp.attribute_scores(f), labels)
     # target of an unflipped input: the frozen feature of its flip, slot 1
     same = Batch(labels, torch.arange(4), images, targets=torch.stack([-f, f], dim=1))
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_random_flip_uses_the_matching_target(tiny_vit):
     with torch.no_grad():
         seen = torch.where(flip[:, None, None, None], images.flip(-1), images)
         f = mvp.prompted_features(seen)
-        ce = F.cross_entropy(mvp.scores(f), labels)
+        ce = F.cross_entropy(mvp.attribute_scores(f), labels)
         # the frozen target of a flipped input is the unflipped image: slot 0
         targets = torch.stack(
             [torch.where(flip[:, None], f, -f), torch.where(flip[:, None], -f, f)], 1

@@ -49,8 +49,12 @@ class DataConfig:
 
 def _collate(items: list) -> Batch:
     images, labels, index = zip(*items, strict=True)
+    if isinstance(labels[0], torch.Tensor):  # multi-label targets (C,)
+        targets = torch.stack([t.float() for t in labels])
+    else:
+        targets = torch.as_tensor(labels, dtype=torch.long)
     return Batch(
-        labels=torch.as_tensor(labels, dtype=torch.long),
+        labels=targets,
         index=torch.as_tensor(index, dtype=torch.long),
         images=torch.stack(images),
     )
@@ -85,6 +89,17 @@ class FederatedData:
         self.all_classnames = list(self.source.classnames)
         self.train_labels = np.asarray(self.source.labels("train"), dtype=np.int64)
         self.test_labels = np.asarray(self.source.labels("test"), dtype=np.int64)
+        # multi-label: labels are each image's rarest label (the partition key), targets
+        # the (N, C) 0/1 matrices the learners train and are scored on
+        self.multilabel = bool(getattr(self.source, "multilabel", False))
+        self.targets = {}
+        if self.multilabel:
+            if cfg.base_to_novel:
+                raise ValueError("data.base_to_novel is for single-label data sets")
+            self.targets = {
+                split: torch.as_tensor(np.asarray(self.source.targets(split)), dtype=torch.float32)
+                for split in ("train", "test")
+            }
         self.partitioner = cfg.partitioner.bind(self.source)
         num_classes = len(self.all_classnames)
         self.num_base = math.ceil(num_classes / 2) if cfg.base_to_novel else num_classes
@@ -128,6 +143,8 @@ class FederatedData:
     def add_transfer(self, name: str, source: DatasetSource) -> None:
         """Evaluate on `source`'s test split too (cross-dataset, e.g. ImageNet -> ImageNet-V2):
         its test images are split evenly (seeded) among the clients as split `name`."""
+        if self.multilabel or getattr(source, "multilabel", False):
+            raise ValueError("cross-dataset evaluation is for single-label data sets")
         source.check()
         labels = np.asarray(source.labels("test"), dtype=np.int64)
         rng = np.random.default_rng([self.seed, 2])
@@ -191,7 +208,10 @@ class FederatedData:
             feats = self.clip.cached_image_features(
                 key, dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers
             )  # (n_k, D)
-            lab = torch.as_tensor(labels[idx], device=feats.device)
+            if self.multilabel:
+                lab = self.targets["train" if split == "train" else "test"][idx].to(feats.device)
+            else:
+                lab = torch.as_tensor(labels[idx], device=feats.device)
             ids = torch.as_tensor(idx, device=feats.device)
             for s in range(0, len(idx), bs):
                 sel = torch.as_tensor(order[s : s + bs], device=feats.device)

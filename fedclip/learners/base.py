@@ -34,7 +34,7 @@ from fedclip.backbone import FrozenCLIP
 class Batch:
     """One mini-batch: raw images or cached frozen features (or both), labels, sample ids."""
 
-    labels: Tensor  # (B,) int64
+    labels: Tensor  # (B,) int64 class ids; multi-label: (B, C) float 0/1 targets
     index: Tensor  # (B,) sample ids in the base data set
     images: Tensor | None = None  # (B, 3, H, W)
     features: Tensor | None = None  # (B, D) normalised frozen image features
@@ -117,6 +117,36 @@ def optimizer_for(
     )
 
 
+@dataclass
+class MultiLabelConfig:
+    """Multi-label recognition (used when the data set is multi-label).
+
+    Args:
+        loss: 'asl' (asymmetric loss, Ridnik et al., ICCV 2021) or 'bce'.
+        gamma_pos: ASL focusing exponent of the positives.
+        gamma_neg: ASL focusing exponent of the negatives.
+        clip: ASL probability margin shifted off the negatives.
+    """
+
+    loss: Literal["asl", "bce"] = "asl"
+    gamma_pos: float = 0.0
+    gamma_neg: float = 4.0
+    clip: float = 0.05
+
+
+def asymmetric_loss(
+    logits: Tensor, targets: Tensor, gamma_pos: float, gamma_neg: float, clip: float
+) -> Tensor:
+    """ASL: -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0); summed
+    over classes, averaged over the batch. gamma 0 and clip 0 give BCE."""
+    p = torch.sigmoid(logits)
+    p_m = (p - clip).clamp(min=0) if clip > 0 else p
+    eps = 1e-8
+    pos = targets * (1 - p).pow(gamma_pos) * torch.log(p.clamp(min=eps))
+    neg = (1 - targets) * p_m.pow(gamma_neg) * torch.log((1 - p_m).clamp(min=eps))
+    return -(pos + neg).sum(-1).mean()
+
+
 class PromptLearner(nn.Module):
     """Base class of prompt learners (see the module docstring for the contract).
 
@@ -134,6 +164,14 @@ class PromptLearner(nn.Module):
         object.__setattr__(self, "_clip", None)
         self.classnames: list[str] = []
         self._eval_text: Tensor | None = None
+        self.multilabel = False
+        self.multilabel_cfg = MultiLabelConfig()
+
+    def set_task(self, multilabel: bool, cfg: MultiLabelConfig | None = None) -> None:
+        """Single-label (softmax over classes) or multi-label (a binary decision per class
+        from a positive and a negative text feature); called before `setup`."""
+        self.multilabel = multilabel
+        self.multilabel_cfg = cfg or MultiLabelConfig()
 
     # ---- binding ---------------------------------------------------------------------
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
@@ -180,21 +218,49 @@ class PromptLearner(nn.Module):
         """Normalised class text features (C, D); with gradient to the prompts in training."""
         raise NotImplementedError
 
-    def class_text_features(self) -> Tensor:
-        """text_features(), computed once per evaluation pass when not training."""
-        if self.training or torch.is_grad_enabled():
+    def negative_text_features(self) -> Tensor:
+        """Multi-label: normalised negative class features (C, D) ("no {class} here")."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-label support")
+
+    def _class_features(self) -> Tensor:
+        if not self.multilabel:
             return self.text_features()
+        return torch.stack([self.text_features(), self.negative_text_features()])  # (2, C, D)
+
+    def class_text_features(self) -> Tensor:
+        """text_features() (stacked with the negative features when multi-label: (2, C, D)),
+        computed once per evaluation pass when not training."""
+        if self.training or torch.is_grad_enabled():
+            return self._class_features()
         if self._eval_text is None:
-            self._eval_text = self.text_features()
+            self._eval_text = self._class_features()
         return self._eval_text
+
+    def scores(self, f: Tensor, t: Tensor) -> Tensor:
+        """Logits of image features f (B, D) against class features t: (C, D) gives
+        s * f t^T; multi-label (2, C, D) gives s * (f t+^T - f t-^T)."""
+        s = self.clip.logit_scale
+        f = f.to(t.dtype)
+        if t.dim() == 3:
+            return s * (f @ t[0].t() - f @ t[1].t())  # (B, C)
+        return s * f @ t.t()  # (B, C)
 
     def forward(self, batch: Batch) -> Tensor:
         f = self.image_features(batch)  # (B, D)
-        t = self.class_text_features()  # (C, D)
-        return self.clip.logit_scale * f.to(t.dtype) @ t.t()  # (B, C)
+        return self.scores(f, self.class_text_features())
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(logits.float(), batch.labels)
+        if not self.multilabel:
+            return F.cross_entropy(logits.float(), batch.labels)
+        cfg = self.multilabel_cfg
+        targets = batch.labels.float()
+        if cfg.loss == "bce":
+            return (
+                F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+                .sum(-1)
+                .mean()
+            )
+        return asymmetric_loss(logits.float(), targets, cfg.gamma_pos, cfg.gamma_neg, cfg.clip)
 
     def training_loss(self, batch: Batch) -> Tensor:
         """The loss of one training step; learners with extra terms override it."""

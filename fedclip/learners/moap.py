@@ -161,7 +161,7 @@ class MixtureOfPrompts(TextualPrompt):
         self.gating_momentum = gating_momentum
         self.gating_weight_decay = gating_weight_decay
         self.expert_ids: list[int] = []
-        self._expert_ctx: Tensor | None = None  # (n, n_ctx, W), None: no experts
+        self._experts: dict[str, Tensor] | None = None  # key -> (n, n_ctx, W); None: none
         # (n, C, D) frozen expert features per class set, computed once per download
         self._expert_text: dict[tuple[str, ...], Tensor] = {}
 
@@ -184,78 +184,99 @@ class MixtureOfPrompts(TextualPrompt):
     @property
     def num_experts(self) -> int:
         """Non-local experts currently held."""
-        return 0 if self._expert_ctx is None else int(self._expert_ctx.shape[0])
+        return 0 if self._experts is None else int(self._experts["ctx"].shape[0])
 
     def receive(self, extras: dict[str, Any]) -> None:
-        """Take the experts of this round: extras {'experts': {'ctx': (n, n_ctx, W)},
-        'expert_ids': [client ids]}. No 'experts' key keeps the experts held."""
+        """Take the experts of this round: extras {'experts': {'ctx': (n, n_ctx, W)} (plus
+        'ctx_neg' when multi-label), 'expert_ids': [client ids]}. No 'experts' key keeps the
+        experts held."""
         extras = dict(extras)
         experts = extras.pop("experts", None)
         ids = extras.pop("expert_ids", None)
         super().receive(extras)  # anything else is an error
         if experts is None:
             return
-        if set(experts) != {"ctx"}:
-            raise ValueError(f"MixtureOfPrompts: experts must hold 'ctx', got {sorted(experts)}")
-        ctx = experts["ctx"]
-        if tuple(ctx.shape[1:]) != tuple(self.ctx.shape):
-            raise ValueError(
-                f"MixtureOfPrompts: expert contexts of shape {tuple(ctx.shape[1:])} do not match "
-                f"the local context {tuple(self.ctx.shape)}"
-            )
-        ids = list(ids) if ids is not None else list(range(ctx.shape[0]))
-        if len(ids) != ctx.shape[0]:
-            raise ValueError(f"MixtureOfPrompts: {len(ids)} expert ids for {ctx.shape[0]} experts")
-        self._set_experts(ctx, ids)
+        keys = self.shared_keys()
+        if set(experts) != set(keys):
+            raise ValueError(f"MixtureOfPrompts: experts must hold {keys}, got {sorted(experts)}")
+        n = experts["ctx"].shape[0]
+        for key in keys:
+            own = tuple(getattr(self, key).shape)
+            if tuple(experts[key].shape) != (n, *own):
+                raise ValueError(
+                    f"MixtureOfPrompts: expert contexts {key} of shape "
+                    f"{tuple(experts[key].shape[1:])} do not match the local context {own}"
+                )
+        ids = list(ids) if ids is not None else list(range(n))
+        if len(ids) != n:
+            raise ValueError(f"MixtureOfPrompts: {len(ids)} expert ids for {n} experts")
+        self._set_experts(experts, ids)
 
-    def _set_experts(self, ctx: Tensor, ids: list[int]) -> None:
-        self._expert_ctx = ctx.detach().to(self.ctx.device, self.ctx.dtype) if len(ids) else None
+    def _set_experts(self, experts: dict[str, Tensor], ids: list[int]) -> None:
+        self._experts = (
+            {k: v.detach().to(self.ctx.device, self.ctx.dtype) for k, v in experts.items()}
+            if len(ids)
+            else None
+        )
         self.expert_ids = [int(i) for i in ids]
         self._expert_text = {}
 
     @torch.no_grad()
     def expert_text_features(self) -> Tensor:
-        """(n, C, D) normalised text features of the experts, computed once per download."""
+        """Normalised text features of the experts, computed once per download and class
+        set: (n, C, D), or (n, 2, C, D) with the negative features when multi-label."""
         key = tuple(self.classnames)
         if key not in self._expert_text:
-            self._expert_text[key] = torch.stack(
-                [
-                    self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
-                    for ctx in self._expert_ctx
+            per_expert = []
+            for j in range(self.num_experts):
+                feats = [
+                    self.clip.encode_prompted_text(
+                        self.prompt_embeddings(self._experts[k][j]), self.tokens
+                    )
+                    for k in self.shared_keys()
                 ]
-            ).float()
+                per_expert.append(torch.stack(feats) if self.multilabel else feats[0])
+            self._expert_text[key] = torch.stack(per_expert).float()
         return self._expert_text[key]
 
     # ---- computation -------------------------------------------------------------------
+    def _mixture(self, pooled: Tensor, t_local: Tensor, t_experts: Tensor) -> Tensor:
+        """s * <pool(f), G>: (B, d), (C, D), (n, C, D) -> (B, C)."""
+        keys = torch.cat([t_local.unsqueeze(0), t_experts]).transpose(0, 1)  # (C, E, D)
+        mixture = self.gating(pooled, self.gating.pool(keys))  # (B, C, d)
+        return self.clip.logit_scale * torch.einsum("bd,bcd->bc", pooled, mixture.to(pooled.dtype))
+
     def forward(self, batch: Batch) -> Tensor:
         f = self.image_features(batch)  # (B, D)
-        t_local = self.class_text_features()  # (C, D)
-        s = self.clip.logit_scale
-        f = f.to(t_local.dtype)
-        local = s * f @ t_local.t()  # (B, C)
-        if self._expert_ctx is None:
+        t_local = self.class_text_features()  # (C, D), multi-label (2, C, D)
+        local = self.scores(f, t_local)  # (B, C)
+        if self._experts is None:
             return self.lambda_local * local
-        t_experts = self.expert_text_features().to(t_local.dtype)  # (n, C, D)
-        keys = torch.cat([t_local.unsqueeze(0), t_experts]).transpose(0, 1)  # (C, E, D)
+        f = f.to(t_local.dtype)
+        t_experts = self.expert_text_features().to(t_local.dtype)  # (n, [2,] C, D)
         pooled = self.gating.pool(f)  # (B, d)
-        mixture = self.gating(pooled, self.gating.pool(keys))  # (B, C, d)
-        moe = s * torch.einsum("bd,bcd->bc", pooled, mixture.to(pooled.dtype))  # (B, C)
+        if self.multilabel:  # the same gating mixes the positive and the negative features
+            moe = self._mixture(pooled, t_local[0], t_experts[:, 0]) - self._mixture(
+                pooled, t_local[1], t_experts[:, 1]
+            )
+        else:
+            moe = self._mixture(pooled, t_local, t_experts)
         return self.lambda_local * local + moe
 
     # ---- what travels ------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
-        return ["ctx"]
+        return ["ctx", "ctx_neg"] if self.multilabel else ["ctx"]
 
     def get_extra_state(self) -> dict[str, Tensor]:
-        ctx = self._expert_ctx
-        return {
-            "expert_ctx": ctx.detach().cpu() if ctx is not None else torch.empty(0),
-            "expert_ids": torch.tensor(self.expert_ids, dtype=torch.int64),
-        }
+        state = {"expert_ids": torch.tensor(self.expert_ids, dtype=torch.int64)}
+        for key in self.shared_keys():
+            held = self._experts[key] if self._experts is not None else torch.empty(0)
+            state[f"expert_{key}"] = held.detach().cpu()
+        return state
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
         ids = [int(i) for i in state["expert_ids"]]
-        self._set_experts(state["expert_ctx"], ids)
+        self._set_experts({k: state[f"expert_{k}"] for k in self.shared_keys()}, ids)
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(
@@ -267,7 +288,8 @@ class MixtureOfPrompts(TextualPrompt):
             weight_decay=self.gating_weight_decay,
             scheduler="constant",
         )
+        prompts = [getattr(self, k) for k in self.shared_keys()]
         return [
-            optimizer_for([self.ctx], optim, steps_per_round, rounds),
+            optimizer_for(prompts, optim, steps_per_round, rounds),
             optimizer_for(list(self.gating.parameters()), gating, steps_per_round, rounds),
         ]

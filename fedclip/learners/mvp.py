@@ -138,6 +138,7 @@ class FedMVP(PromptLearner):
         lora_rank: rank of the LoRA factors.
         random_flip: flip each training image horizontally with probability 1/2 (the
             consistency target is then the frozen feature of the unflipped image).
+        negative_template: multi-label only: the frozen negative prompt of a class.
     """
 
     needs_images = True
@@ -155,6 +156,7 @@ class FedMVP(PromptLearner):
         sigma: float = 0.5,
         lora_rank: int = 8,
         random_flip: bool = True,
+        negative_template: str = "a photo without a {classname}.",
     ) -> None:
         super().__init__()
         if "{classname}" not in template or "{attribute}" not in template:
@@ -181,6 +183,7 @@ class FedMVP(PromptLearner):
         self.sigma = sigma
         self.lora_rank = lora_rank
         self.random_flip = random_flip
+        self.negative_template = negative_template
         self.lora_phase = False
         self._attr_cache: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
         self._flip_gen = torch.Generator()
@@ -250,13 +253,30 @@ class FedMVP(PromptLearner):
         prompts = self.former(tokens[:, 1:], attrs)  # (B, P, V)
         return self.clip.encode_image_tokens(tokens, prompts)
 
-    def scores(self, f: Tensor) -> Tensor:
-        """s * mean over each class's attributes of cos(f, a): (B, D) -> (B, C)."""
+    def attribute_scores(self, f: Tensor) -> Tensor:
+        """s * mean over each class's attributes of cos(f, a): (B, D) -> (B, C). Multi-label:
+        minus s * cos(f, t-) with t- the frozen `negative_template` feature of the class."""
         attrs, average = self.attribute_features()
-        return self.clip.logit_scale * (f.to(attrs.dtype) @ attrs.t()) @ average.t()
+        f = f.to(attrs.dtype)
+        logits = self.clip.logit_scale * (f @ attrs.t()) @ average.t()
+        if self.multilabel:
+            logits = logits - self.clip.logit_scale * f @ self.negative_text_features().t()
+        return logits
+
+    @torch.no_grad()
+    def negative_text_features(self) -> Tensor:
+        """Frozen features (C, D) of `negative_template` per class, once per class set."""
+        key = ("__negative__", *self.classnames)
+        if key not in self._attr_cache:
+            names = [c.replace("_", " ") for c in self.classnames]
+            feats = self.clip.encode_text(
+                [self.negative_template.format(classname=n) for n in names]
+            )
+            self._attr_cache[key] = (feats.float(), feats.new_empty(0))
+        return self._attr_cache[key][0]
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.scores(self.prompted_features(batch.images))
+        return self.attribute_scores(self.prompted_features(batch.images))
 
     def training_loss(self, batch: Batch) -> Tensor:
         images = batch.images
@@ -266,7 +286,7 @@ class FedMVP(PromptLearner):
         flip = flip.to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         f = self.prompted_features(images)  # (B, D)
-        ce = F.cross_entropy(self.scores(f).float(), batch.labels)
+        ce = self.loss(self.attribute_scores(f), batch)
         if self.alpha == 0:
             return ce
         if batch.targets is not None:  # cached frozen features of [image, flipped image]

@@ -24,6 +24,10 @@ class TextualPrompt(PromptLearner):
             null draws the context from N(0, 0.02^2).
         csc: class-specific context (one context per class) instead of one shared context.
         class_token_position: where the class name goes: 'end', 'middle' or 'front'.
+        neg_ctx_init: multi-label only: phrase that initialises the negative context
+            (DualCoOp's second context, learned and shared like the first); null uses
+            "a photo without a" when ctx_init is set and it has as many tokens, else
+            N(0, 0.02^2).
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class TextualPrompt(PromptLearner):
         ctx_init: str | None = None,
         csc: bool = False,
         class_token_position: Literal["end", "middle", "front"] = "end",
+        neg_ctx_init: str | None = None,
     ) -> None:
         super().__init__()
         if n_ctx < 1:
@@ -45,6 +50,7 @@ class TextualPrompt(PromptLearner):
         self.ctx_init = ctx_init or None
         self.csc = csc
         self.class_token_position = class_token_position
+        self.neg_ctx_init = neg_ctx_init or None
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
@@ -52,6 +58,11 @@ class TextualPrompt(PromptLearner):
         if self.csc:
             ctx_vectors = ctx_vectors.unsqueeze(0).repeat(self.num_classes, 1, 1)  # (C, n, W)
         self.ctx = nn.Parameter(ctx_vectors)
+        if self.multilabel:
+            neg = self._negative_context(clip, seed)
+            if self.csc:
+                neg = neg.unsqueeze(0).repeat(self.num_classes, 1, 1)
+            self.ctx_neg = nn.Parameter(neg)
         tokens, ctx_pos = self._layout(clip, classnames, self.n_ctx)
         self.register_buffer("tokens", tokens, persistent=False)  # (C, L)
         self.register_buffer("ctx_pos", ctx_pos, persistent=False)  # (C, n_ctx)
@@ -81,6 +92,29 @@ class TextualPrompt(PromptLearner):
                 return clip.token_embedding(ids)[0, 1 : 1 + n].detach().clone().float()
         gen = torch.Generator().manual_seed(seed)
         return (torch.randn(self.n_ctx, width, generator=gen) * 0.02).to(clip.device)
+
+    def _phrase_context(self, clip: FrozenCLIP, phrase: str) -> Tensor:
+        ids = clip.tokenize([phrase.replace("_", " ")])
+        n = int(clip.text.pool_index(ids)[0]) - 1  # tokens between SOS and EOT
+        with torch.no_grad():
+            return clip.token_embedding(ids)[0, 1 : 1 + n].detach().clone().float()
+
+    def _negative_context(self, clip: FrozenCLIP, seed: int) -> Tensor:
+        phrase = self.neg_ctx_init or ("a photo without a" if self.ctx_init else None)
+        if phrase is not None:
+            ctx = self._phrase_context(clip, phrase)
+            if ctx.shape[0] == self.n_ctx:
+                return ctx
+            if self.neg_ctx_init:
+                raise ValueError(
+                    f"TextualPrompt: neg_ctx_init {self.neg_ctx_init!r} has {ctx.shape[0]} "
+                    f"tokens, the context has {self.n_ctx}"
+                )
+        gen = torch.Generator().manual_seed(seed + 1)
+        return (torch.randn(self.n_ctx, clip.text_width, generator=gen) * 0.02).to(clip.device)
+
+    def negative_text_features(self) -> Tensor:
+        return self.clip.encode_prompted_text(self.prompt_embeddings(self.ctx_neg), self.tokens)
 
     def _layout(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> tuple[Tensor, Tensor]:
         """Token ids of every class's prompt and the positions that the context fills."""
@@ -138,12 +172,16 @@ class ZeroShot(PromptLearner):
     Args:
         templates: sentence templates with '{}' for the class name; their normalised text
             features are averaged per class.
+        negative_templates: multi-label only: the negative prompts ("a photo without a {}.").
     """
 
-    def __init__(self, templates: list[str] | None = None) -> None:
+    def __init__(
+        self, templates: list[str] | None = None, negative_templates: list[str] | None = None
+    ) -> None:
         super().__init__()
         self.templates = list(templates or ["a photo of a {}."])
-        if not all("{}" in t for t in self.templates):
+        self.negative_templates = list(negative_templates or ["a photo without a {}."])
+        if not all("{}" in t for t in self.templates + self.negative_templates):
             raise ValueError("ZeroShot: every template needs a '{}' for the class name")
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
@@ -151,12 +189,13 @@ class ZeroShot(PromptLearner):
         self._features: dict[tuple[str, ...], Tensor] = {}
         self.register_buffer("class_features", self._template_features(), persistent=False)
 
-    def _template_features(self) -> Tensor:
-        key = tuple(self.classnames)
+    def _template_features(self, negative: bool = False) -> Tensor:
+        key = (str(negative), *self.classnames)
         if key not in self._features:
             names = [c.replace("_", " ") for c in self.classnames]
+            templates = self.negative_templates if negative else self.templates
             feats = torch.stack(
-                [self.clip.encode_text([t.format(n) for n in names]) for t in self.templates]
+                [self.clip.encode_text([t.format(n) for n in names]) for t in templates]
             )  # (T, C, D)
             mean = feats.mean(0)
             self._features[key] = mean / mean.norm(dim=-1, keepdim=True)
@@ -164,6 +203,9 @@ class ZeroShot(PromptLearner):
 
     def _classes_changed(self) -> None:
         self.class_features = self._template_features()
+
+    def negative_text_features(self) -> Tensor:
+        return self._template_features(negative=True)
 
     def text_features(self) -> Tensor:
         return self.class_features
