@@ -31,6 +31,18 @@ def tiny_rn():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    """fedclip-tiny-vit pre-trained on Shapes, cached for this test session only."""
+    old = os.environ.get("FEDCLIP_CACHE")
+    os.environ["FEDCLIP_CACHE"] = str(tmp_path_factory.mktemp("fedclip-cache"))
+    yield
+    if old is None:
+        del os.environ["FEDCLIP_CACHE"]
+    else:
+        os.environ["FEDCLIP_CACHE"] = old
+
+
 def small_config(**over) -> FitConfig:
     """2 clients, 2 rounds, 4 classes of Shapes at 32 px: seconds on a CPU."""
     cfg = FitConfig(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -357,18 +356,6 @@ def test_fedavg_strategy_with_mixture_learner_runs_local_term_only():
 def test_pfedmoap_refuses_a_learner_without_experts():
     with pytest.raises(ValueError, match="MixtureOfPrompts"):
         Federation(small_config(strategy=PFedMoAP()), None, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def shapes_cache(tmp_path_factory):
-    """fedclip-tiny-vit pre-trained on Shapes, cached for this module only."""
-    old = os.environ.get("FEDCLIP_CACHE")
-    os.environ["FEDCLIP_CACHE"] = str(tmp_path_factory.mktemp("fedclip-cache"))
-    yield
-    if old is None:
-        del os.environ["FEDCLIP_CACHE"]
-    else:
-        os.environ["FEDCLIP_CACHE"] = old
 
 
 def test_personalisation_beats_fedavg_under_strong_label_skew(shapes_cache):

@@ -34,6 +34,13 @@ from fedclip.data.domains import (
     OfficeHome,
     TerraIncognita,
 )
+from fedclip.data.multilabel import (
+    COCO2014,
+    NUSWIDE,
+    VOC2007,
+    MultiLabelSource,
+    MultiShapes,
+)
 from fedclip.data.partition import (
     IID,
     ByDomain,
@@ -53,6 +60,11 @@ __all__ = [
     "COOP_DATASETS",
     "CIFAR10",
     "CIFAR100",
+    "COCO2014",
+    "NUSWIDE",
+    "VOC2007",
+    "MultiLabelSource",
+    "MultiShapes",
     "DTD",
     "PACS",
     "SUN397",
