@@ -215,6 +215,17 @@ def draw_shape(colour: str, shape: str, image_size: int, rng: np.random.Generato
     return image
 
 
+def check_shapes_args(owner: str, num_classes: int, **counts: int) -> None:
+    """ValueError naming the argument unless every count is >= 1 and num_classes is 1 to
+    the number of colour-shape classes."""
+    for arg, value in {"num_classes": num_classes, **counts}.items():
+        if value < 1:
+            raise ValueError(f"{owner}: {arg} must be >= 1, got {value}")
+    max_classes = len(COLOURS) * len(SHAPES)
+    if num_classes > max_classes:
+        raise ValueError(f"{owner}: num_classes must be <= {max_classes}, got {num_classes}")
+
+
 class _ShapesImages(torch.utils.data.Dataset):
     """(PIL image, label) pairs of one Shapes split; images are drawn on access."""
 
@@ -264,17 +275,13 @@ class Shapes(DatasetSource):
         image_size: int = 64,
         seed: int = 0,
     ):
-        max_classes = len(COLOURS) * len(SHAPES)
-        for arg, value in [
-            ("num_classes", num_classes),
-            ("train_per_class", train_per_class),
-            ("test_per_class", test_per_class),
-            ("image_size", image_size),
-        ]:
-            if value < 1:
-                raise ValueError(f"Shapes: {arg} must be >= 1, got {value}")
-        if num_classes > max_classes:
-            raise ValueError(f"Shapes: num_classes must be <= {max_classes}, got {num_classes}")
+        check_shapes_args(
+            "Shapes",
+            num_classes=num_classes,
+            train_per_class=train_per_class,
+            test_per_class=test_per_class,
+            image_size=image_size,
+        )
         if seed < 0:
             raise ValueError(f"Shapes: seed must be >= 0, got {seed}")
         self._num_classes = num_classes

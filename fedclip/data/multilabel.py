@@ -38,6 +38,7 @@ from fedclip.data.datasets import (
     DataError,
     DatasetSource,
     _check_split,
+    check_shapes_args,
     shapes_combination,
 )
 from fedclip.data.files import missing
@@ -279,20 +280,14 @@ class MultiShapes(MultiLabelSource):
         seed: int = 0,
     ):
         super().__init__()
-        max_classes = len(COLOURS) * len(SHAPES)
-        for arg, value in [
-            ("num_classes", num_classes),
-            ("train_images", train_images),
-            ("test_images", test_images),
-            ("image_size", image_size),
-            ("max_objects", max_objects),
-        ]:
-            if value < 1:
-                raise ValueError(f"MultiShapes: {arg} must be >= 1, got {value}")
-        if num_classes > max_classes:
-            raise ValueError(
-                f"MultiShapes: num_classes must be <= {max_classes}, got {num_classes}"
-            )
+        check_shapes_args(
+            "MultiShapes",
+            num_classes=num_classes,
+            train_images=train_images,
+            test_images=test_images,
+            image_size=image_size,
+            max_objects=max_objects,
+        )
         if max_objects > num_classes:
             raise ValueError(
                 f"MultiShapes: max_objects must be <= num_classes ({num_classes}), "
