@@ -139,6 +139,19 @@ class _TextTower:
         # Truncating after the pooled token is exact only when no earlier position can see
         # later ones (causal mask) and the output is read at a token index.
         self.truncatable = self.causal and self.pool_type in {"argmax", "eos"}
+        # The shared-prefix path re-runs open_clip's blocks piecewise; only for the plain
+        # pre-norm CLIP block layout, batch-first.
+        blocks = list(getattr(self.transformer, "resblocks", []))
+        self.shared_prefix = (
+            self.truncatable
+            and bool(blocks)
+            and getattr(self.transformer, "batch_first", False)
+            and all(
+                type(b) is open_clip.transformer.ResidualAttentionBlock
+                and not hasattr(b, "ln_1_kv")
+                for b in blocks
+            )
+        )
 
     def pool_index(self, tokens: Tensor) -> Tensor:
         if self.pool_type == "argmax":
@@ -259,6 +272,11 @@ class FrozenCLIP(nn.Module):
         x = embeds[:, :length].to(cast) + tower.positional_embedding[:length].to(cast)
         mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
         x = tower.transformer(x, attn_mask=mask)  # (N, length, W)
+        return self._pool_project(x, pool_at, normalize)
+
+    def _pool_project(self, x: Tensor, pool_at: Tensor, normalize: bool) -> Tensor:
+        """Transformer output (N, L, W) -> (N, D): ln_final, the pooled row, the projection."""
+        tower = self.text
         x = tower.ln_final(x)
         if tower.pool_type in {"argmax", "eos"}:
             x = x[torch.arange(x.shape[0], device=x.device), pool_at]  # (N, W)
@@ -271,6 +289,41 @@ class FrozenCLIP(nn.Module):
             x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         self.text_sequences_encoded += int(x.shape[0])
         return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_shared_prefix(
+        self, prefix: Tensor, suffix: Tensor, suffix_tokens: Tensor, normalize: bool = True
+    ) -> Tensor:
+        """Encode N sequences that all start with the same P input embeddings.
+
+        prefix: (P, W) embeddings shared by every sequence (e.g. [SOS] + a learned context);
+        suffix: (N, S, W) the rest of each sequence; suffix_tokens: (N, S) its token ids (the
+        EOT must be in the suffix). Under the causal mask the prefix's hidden states do not
+        depend on what follows, so they are computed once (batch of one) and every suffix
+        attends to their keys and values layer by layer, as in the full sequence: the same
+        features as `encode_prompted_text` on the concatenation, to float rounding, for a
+        fraction of the work and activation memory. Needs `text.shared_prefix`.
+        """
+        tower = self.text
+        if not tower.shared_prefix:
+            raise BackboneError(f"{self.name}: its text tower has no exact shared-prefix path")
+        p = prefix.shape[0]
+        pool_at = tower.pool_index(suffix_tokens)  # (N,) inside the suffix
+        s = int(pool_at.max()) + 1  # nothing after the last EOT reaches any EOT
+        cast = tower.transformer.get_cast_dtype()
+        pos = tower.positional_embedding.to(cast)
+        xp = (prefix.to(cast) + pos[:p]).unsqueeze(0)  # (1, P, W)
+        xs = suffix[:, :s].to(cast) + pos[p : p + s]  # (N, S, W)
+        n = xs.shape[0]
+        full = tower.attn_mask[: p + s, : p + s]
+        mask_p = full[:p, :p]
+        mask_s = full[p : p + s, : p + s]  # suffix rows: all of the prefix, causal within
+        for block in tower.transformer.resblocks:
+            hp, hs = block.ln_1(xp), block.ln_1(xs)
+            kv = torch.cat([hp.expand(n, -1, -1), hs], dim=1)  # (N, P + S, W)
+            xs = xs + block.ls_1(block.attention(q_x=hs, k_x=kv, v_x=kv, attn_mask=mask_s))
+            xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+            xp = block(xp, attn_mask=mask_p)
+        return self._pool_project(xs, pool_at, normalize)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:

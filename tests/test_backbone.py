@@ -163,3 +163,30 @@ def test_shapes_pretraining_tag(tmp_path, monkeypatch):
     torch.testing.assert_close(clip.model.state_dict()["logit_scale"], first["logit_scale"])
     with pytest.raises(BackboneError, match="only for fedclip-tiny"):
         tiny.shapes_weights("ViT-B-16")
+
+
+@pytest.mark.parametrize("model", ["fedclip-tiny-vit", "fedclip-tiny-rn"])
+def test_shared_prefix_is_exact(model, tiny_vit, tiny_rn):
+    """[SOS] + context encoded once, suffixes attending to it: the same features and
+    gradients as the batched (truncated) path."""
+    from fedclip.learners import TextualPrompt
+
+    clip = tiny_vit if model.endswith("vit") else tiny_rn
+    names = ["red circle", "green square", "blue triangle", "a much longer class name here"]
+    learner = TextualPrompt(n_ctx=6)
+    learner.setup(clip, names, seed=0)
+    assert learner.uses_shared_prefix()
+    out = {}
+    for fast in (True, False):
+        learner.shared_prefix = fast
+        learner.ctx.grad = None
+        feats = learner.text_features()
+        (feats * torch.arange(feats.numel()).view_as(feats)).sum().backward()
+        out[fast] = (feats.detach(), learner.ctx.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=0)
+    scale = float(out[False][1].abs().max())  # float32 rounding, relative to the gradient
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5 * scale, rtol=1e-4)
+    for kwargs in ({"csc": True}, {"class_token_position": "middle"}):
+        other = TextualPrompt(n_ctx=6, **kwargs)
+        other.setup(clip, names, seed=0)
+        assert not other.uses_shared_prefix()  # the batched path for those layouts

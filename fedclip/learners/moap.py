@@ -229,12 +229,7 @@ class MixtureOfPrompts(TextualPrompt):
         if key not in self._expert_text:
             per_expert = []
             for j in range(self.num_experts):
-                feats = [
-                    self.clip.encode_prompted_text(
-                        self.prompt_embeddings(self._experts[k][j]), self.tokens
-                    )
-                    for k in self.shared_keys()
-                ]
+                feats = [self.encode_context(self._experts[k][j]) for k in self.shared_keys()]
                 per_expert.append(torch.stack(feats) if self.multilabel else feats[0])
             self._expert_text[key] = torch.stack(per_expert).float()
         return self._expert_text[key]

@@ -51,6 +51,8 @@ class TextualPrompt(PromptLearner):
         self.csc = csc
         self.class_token_position = class_token_position
         self.neg_ctx_init = neg_ctx_init or None
+        # Exact fast path (see uses_shared_prefix); false forces the batched path.
+        self.shared_prefix = True
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
@@ -114,7 +116,7 @@ class TextualPrompt(PromptLearner):
         return (torch.randn(self.n_ctx, clip.text_width, generator=gen) * 0.02).to(clip.device)
 
     def negative_text_features(self) -> Tensor:
-        return self.clip.encode_prompted_text(self.prompt_embeddings(self.ctx_neg), self.tokens)
+        return self.encode_context(self.ctx_neg)
 
     def _layout(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> tuple[Tensor, Tensor]:
         """Token ids of every class's prompt and the positions that the context fills."""
@@ -162,8 +164,30 @@ class TextualPrompt(PromptLearner):
         index = self.ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # (C, n_ctx, W)
         return embeds.scatter(1, index, ctx.to(embeds.dtype))
 
+    def uses_shared_prefix(self) -> bool:
+        """The exact shared-prefix path applies: one context for every class, in front of
+        the class name, on a causal text tower with EOT pooling."""
+        return (
+            self.shared_prefix
+            and not self.csc
+            and self.class_token_position == "end"
+            and self.clip.text.shared_prefix
+        )
+
+    def encode_context(self, ctx: Tensor) -> Tensor:
+        """Normalised class features (C, D) under context `ctx` (the learned one or another
+        client's): [SOS] + context are encoded once and shared by every class when exact."""
+        if not self.uses_shared_prefix():
+            return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
+        n = self.n_ctx
+        with torch.no_grad():
+            sos = self.clip.token_embedding(self.tokens[:1, :1])[0]  # (1, W)
+            suffix = self.clip.token_embedding(self.tokens[:, 1 + n :])  # (C, S, W)
+        prefix = torch.cat([sos, ctx.to(sos.dtype)], dim=0)  # (1 + n, W)
+        return self.clip.encode_shared_prefix(prefix, suffix, self.tokens[:, 1 + n :])
+
     def text_features(self) -> Tensor:
-        return self.clip.encode_prompted_text(self.prompt_embeddings(), self.tokens)
+        return self.encode_context(self.ctx)
 
 
 class ZeroShot(PromptLearner):
