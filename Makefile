@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # offline build machines serve); pip resolves them before the project's own dependencies.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,6 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+bench: install
+	$(BIN)/python benchmarks/bench.py --out benchmarks/results

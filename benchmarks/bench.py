@@ -1,0 +1,582 @@
+"""`make bench`: how fast fedclip trains each method, how its cost grows, and how much it saves
+over the straightforward way of computing the same thing (the public reference code's).
+
+Every speed number is a ratio against a reference path measured in the same process on the
+same inputs, after checking that both give the same logits:
+
+- reference text path: every class's full 77-token prompt through the text encoder at every
+  step (no truncation, no shared prefix);
+- reference image path: the frozen image encoder at every step (no feature cache);
+- FedMVP's reference: attribute features and the frozen flipped-view targets recomputed at
+  every step.
+
+Sections (each written to results.json and results.md, plots as PNG): step and round speed
+per method and precision, peak memory against the number of clients, traffic per client per
+round, round time against clients and classes (fitted lines), and an accuracy sanity table
+on the built-in offline data. `--quick` runs everything at toy sizes (used by the tests).
+
+    python benchmarks/bench.py [--quick] [--out benchmarks/results] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedclip.backbone import BackboneConfig, FrozenCLIP, load_backbone
+from fedclip.data.attributes import attribute_sentences
+from fedclip.data.datasets import COLOURS, SHAPES
+from fedclip.learners import Batch, FedMVP, MixtureOfPrompts, TextualPrompt
+
+log = logging.getLogger("bench")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Sizes:
+    """The settings of one benchmark run."""
+
+    models: tuple[str, ...]
+    num_classes: int
+    batch: int
+    n_ctx: int
+    attributes: int
+    experts: int
+    steps: int
+    memory_clients: tuple[int, ...]
+    memory_model: str
+    scaling_clients: tuple[int, ...]
+    scaling_classes: tuple[int, ...]
+    accuracy_rounds: int
+    accuracy_backbone: str | None  # pretrained tag of the tiny model (None: random weights)
+    accuracy_images: tuple[int, int]  # train, test images per class
+
+
+FULL = Sizes(
+    models=("ViT-B-32", "RN50"),
+    num_classes=100,
+    batch=32,
+    n_ctx=16,
+    attributes=10,
+    experts=9,
+    steps=2,
+    memory_clients=(1, 10, 100),
+    memory_model="ViT-B-32",
+    scaling_clients=(2, 4, 8, 16),
+    scaling_classes=(5, 10, 20, 40),
+    accuracy_rounds=5,
+    accuracy_backbone="shapes",
+    accuracy_images=(40, 20),
+)
+QUICK = Sizes(
+    models=("fedclip-tiny-vit", "fedclip-tiny-rn"),
+    num_classes=10,
+    batch=4,
+    n_ctx=4,
+    attributes=2,
+    experts=2,
+    steps=1,
+    memory_clients=(1, 2),
+    memory_model="fedclip-tiny-vit",
+    scaling_clients=(2, 3),
+    scaling_classes=(4, 6),
+    accuracy_rounds=1,
+    accuracy_backbone=None,
+    accuracy_images=(4, 2),
+)
+
+
+def class_names(n: int) -> list[str]:
+    """n readable two- or three-word class names (token lengths like real data sets')."""
+    base = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    names = base + [f"dark {name}" for name in base] + [f"light {name}" for name in base]
+    return names[:n]
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    """Median seconds of fn() over `steps` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- step speed: fedclip against the reference path ------------------------------------------
+def _sgd_step(learner, loss: torch.Tensor) -> None:
+    params = [p for p in learner.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad, alpha=-1e-3)
+
+
+def _reference_text(learner: TextualPrompt, ctx: torch.Tensor) -> torch.Tensor:
+    """The reference: the full-length prompts (77 tokens) of every class, batched."""
+    clip = learner.clip
+    names = [c.replace("_", " ") for c in learner.classnames]
+    tokens = clip.tokenize([" ".join(["X"] * learner.n_ctx) + f" {n}." for n in names])
+    embeds = clip.token_embedding(tokens)
+    embeds = torch.cat(
+        [
+            embeds[:, :1],
+            ctx.unsqueeze(0).expand(len(names), -1, -1),
+            embeds[:, 1 + learner.n_ctx :],
+        ],
+        dim=1,
+    )
+    return clip.encode_prompted_text(embeds, tokens, truncate=False)
+
+
+def bench_textual(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels, mixture: bool):
+    names = class_names(sizes.num_classes)
+    learner = (
+        MixtureOfPrompts(n_ctx=sizes.n_ctx, gating_heads=8)
+        if mixture
+        else TextualPrompt(n_ctx=sizes.n_ctx)
+    )
+    learner.setup(clip, names, seed=0)
+    learner.train()
+    if mixture:
+        experts = torch.randn(sizes.experts, sizes.n_ctx, clip.text_width, device=clip.device)
+        learner.receive({"experts": {"ctx": experts * 0.02}})
+    with torch.no_grad():
+        feats = clip.encode_image(images)  # the cache: computed once per sample per process
+    batch = Batch(labels=labels, index=torch.arange(len(labels)), features=feats)
+
+    def fast_step():
+        _sgd_step(learner, learner.loss(learner(batch), batch))
+
+    def reference_logits():
+        with torch.no_grad():
+            f = clip.encode_image(images)  # the image encoder at every step
+        t = _reference_text(learner, learner.ctx)
+        local = learner.scores(f, t)
+        if not mixture:
+            return local
+        with torch.no_grad():  # the experts' features recomputed at every step, full length
+            t_exp = torch.stack([_reference_text(learner, c) for c in learner._experts["ctx"]])
+        return learner.lambda_local * local + learner._mixture(learner.gating.pool(f), t, t_exp)
+
+    def reference_step():
+        _sgd_step(learner, F.cross_entropy(reference_logits(), labels))
+
+    learner.eval()
+    with torch.no_grad():
+        diff = float((learner(batch) - reference_logits()).abs().max())
+    learner.train()
+    return fast_step, reference_step, diff
+
+
+def bench_fedmvp(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels):
+    names = class_names(sizes.num_classes)
+    learner = FedMVP(attributes=None, random_flip=False)
+    learner.fallback_templates = [
+        f"a photo of a {{classname}}, view {i}." for i in range(sizes.attributes)
+    ]
+    learner.setup(clip, names, seed=0)
+    with torch.no_grad():
+        targets = torch.stack([clip.encode_image(images), clip.encode_image(images.flip(-1))], 1)
+    batch = Batch(labels=labels, index=torch.arange(len(labels)), images=images, targets=targets)
+
+    def fast_step():
+        _sgd_step(learner, learner.training_loss(batch))
+
+    def reference_attributes():
+        sentences, owner = attribute_sentences(names, None, fallback=learner.fallback_templates)
+        tokens = clip.tokenize(sentences)
+        with torch.no_grad():
+            return clip.encode_prompted_text(clip.token_embedding(tokens), tokens, truncate=False)
+
+    def reference_logits_and_target():
+        attrs = reference_attributes()  # recomputed at every step, full length
+        _, average = learner.attribute_features()
+        with torch.no_grad():
+            tokens = clip.patch_tokens(images)
+        f = clip.encode_image_tokens(tokens, learner.former(tokens[:, 1:], attrs))
+        with torch.no_grad():
+            target = clip.encode_image(images.flip(-1))  # the frozen target at every step
+        return clip.logit_scale * (f @ attrs.t()) @ average.t(), f, target
+
+    def reference_step():
+        logits, f, target = reference_logits_and_target()
+        loss = F.cross_entropy(logits, labels) + learner.alpha * (
+            1 - F.cosine_similarity(f, target, dim=-1).mean()
+        )
+        _sgd_step(learner, loss)
+
+    with torch.no_grad():
+        diff = float((learner(batch) - reference_logits_and_target()[0]).abs().max())
+    return fast_step, reference_step, diff
+
+
+def section_speed(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for model in sizes.models:
+        clip = load_backbone(BackboneConfig(model=model))
+        clip.to(device)
+        size = clip.preprocess_val.transforms[0].size
+        side = size if isinstance(size, int) else size[0]
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(sizes.batch, 3, side, side, generator=gen).to(device)
+        labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+        methods = {"PromptFL": False, "pFedMoAP": True}
+        for method, mixture in methods.items():
+            fast, ref, diff = bench_textual(clip, sizes, images, labels, mixture)
+            rows += _speed_rows(model, method, fast, ref, diff, sizes, device)
+        if clip.accepts_visual_prompts:
+            fast, ref, diff = bench_fedmvp(clip, sizes, images, labels)
+            rows += _speed_rows(model, "FedMVP", fast, ref, diff, sizes, device)
+        clip.to("cpu")
+    return rows
+
+
+def _speed_rows(model, method, fast, ref, diff, sizes, device) -> list[dict[str, Any]]:
+    t_fast = timed(fast, sizes.steps, device)
+    t_ref = timed(ref, sizes.steps, device)
+    dtype = torch.bfloat16
+    with torch.autocast(device.type, dtype=dtype):
+        t_bf16 = timed(fast, sizes.steps, device)
+    row = {
+        "model": model,
+        "method": method,
+        "fedclip_step_s": t_fast,
+        "reference_step_s": t_ref,
+        "speedup": t_ref / t_fast,
+        "bf16_step_s": t_bf16,
+        "bf16_speedup_vs_fp32": t_fast / t_bf16,
+        "max_logit_diff": diff,
+        "same_logits": diff <= 1e-3 * 100,  # logits are scaled by s = 100: 1e-3 in cosine
+        "device": str(device),
+    }
+    log.info("%s %s: %.3fs vs %.3fs reference (%.1fx), bf16 %.3fs, max logit diff %.2e",
+             model, method, t_fast, t_ref, row["speedup"], t_bf16, diff)  # fmt: skip
+    return [row]
+
+
+# ---- memory against the number of clients ------------------------------------------------------
+MEMORY_CHILD = r"""
+import resource, sys, json, logging
+logging.disable(logging.WARNING)
+from fedclip.backbone import BackboneConfig
+from fedclip.config import FabricConfig, FederationConfig, FitConfig
+from fedclip.data import IID, Shapes
+from fedclip.data.federated import DataConfig
+from fedclip.federation import Federation
+from fedclip.learners import TextualPrompt
+model, clients = sys.argv[1], int(sys.argv[2])
+cfg = FitConfig(backbone=BackboneConfig(model=model), learner=TextualPrompt(n_ctx=16),
+    data=DataConfig(dataset=Shapes(num_classes=10, train_per_class=max(2, clients // 5 + 1),
+    test_per_class=2, image_size=32), partitioner=IID(), num_clients=clients, batch_size=8),
+    federation=FederationConfig(rounds=1, eval_at_start=False), fabric=FabricConfig(accelerator="cpu"))
+Federation(cfg, None, show_progress=False).fit()
+print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def section_memory(sizes: Sizes) -> list[dict[str, Any]]:
+    rows = []
+    for n in sizes.memory_clients:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, sizes.memory_model, str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        mb = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+        rows.append({"model": sizes.memory_model, "clients": n, "peak_rss_mb": mb})
+        log.info("memory: %d clients, peak RSS %.0f MB", n, mb)
+    base = rows[0]["peak_rss_mb"]
+    for r in rows:
+        r["ratio_to_1_client"] = r["peak_rss_mb"] / base
+    return rows
+
+
+# ---- traffic per client per round --------------------------------------------------------------
+def section_traffic(sizes: Sizes) -> list[dict[str, Any]]:
+    model = sizes.models[0]
+    clip = load_backbone(BackboneConfig(model=model))
+    names = class_names(sizes.num_classes)
+
+    def nbytes(state) -> int:
+        return sum(t.numel() * t.element_size() for t in state.values())
+
+    text = TextualPrompt(n_ctx=sizes.n_ctx)
+    text.setup(clip, names, 0)
+    ctx = nbytes(text.shared_state())
+    rows = [
+        {"method": "PromptFL", "up_bytes": ctx, "down_bytes": ctx},
+        {"method": "pFedMoAP", "up_bytes": ctx, "down_bytes": ctx * (1 + sizes.experts)},
+    ]
+    mvp = FedMVP(attributes=None)
+    mvp.setup(clip, names, 0)
+    full = nbytes(mvp.shared_state())
+    mvp.end_of_round(0.0)
+    lora = nbytes(mvp.shared_state())
+    rows += [
+        {"method": "FedMVP", "up_bytes": full, "down_bytes": full},
+        {"method": "FedMVP (LoRA phase)", "up_bytes": lora, "down_bytes": lora},
+    ]
+    for r in rows:
+        r["model"] = model
+    return rows
+
+
+# ---- scaling: round time against clients and classes --------------------------------------------
+def _round_time(method: str, clients: int, classes: int) -> float:
+    from fedclip.config import FabricConfig, FederationConfig, FitConfig
+    from fedclip.data import IID, Shapes
+    from fedclip.data.federated import DataConfig
+    from fedclip.federation import Federation
+    from fedclip.strategies import FedAvg, PFedMoAP
+
+    learner, strategy = {
+        "PromptFL": (TextualPrompt(n_ctx=4), FedAvg()),
+        "pFedMoAP": (MixtureOfPrompts(n_ctx=4, gating_heads=8), PFedMoAP(num_experts=5)),
+        "FedMVP": (FedMVP(attributes="shapes"), FedAvg(weighted=False)),
+    }[method]
+    cfg = FitConfig(
+        backbone=BackboneConfig(model="fedclip-tiny-vit"),
+        learner=learner,
+        strategy=strategy,
+        data=DataConfig(
+            dataset=Shapes(num_classes=classes, train_per_class=8, test_per_class=2),
+            partitioner=IID(),
+            num_clients=clients,
+            batch_size=16,
+        ),
+        federation=FederationConfig(rounds=2, eval_at_start=False, eval_every=10),
+        fabric=FabricConfig(accelerator="cpu"),
+    )
+    history = Federation(cfg, None, show_progress=False).fit()
+    return history[-1]["time/round_s"]  # round 2: caches warm, experts in play
+
+
+def section_scaling(sizes: Sizes) -> dict[str, Any]:
+    out: dict[str, Any] = {"clients": {}, "classes": {}}
+    for method in ("PromptFL", "pFedMoAP", "FedMVP"):
+        for axis, values, fixed in (
+            ("clients", sizes.scaling_clients, {"classes": 10}),
+            ("classes", sizes.scaling_classes, {"clients": 4}),
+        ):
+            times = [_round_time(method, **{axis: v, **fixed}) for v in values]
+            slope, intercept = np.polyfit(values, times, 1)
+            out[axis][method] = {
+                "x": list(values),
+                "round_s": times,
+                "slope_s": float(slope),
+                "intercept_s": float(intercept),
+            }
+            log.info("scaling %s vs %s: %.3f s + %.4f s per unit", method, axis, intercept, slope)
+    return out
+
+
+# ---- accuracy sanity table ------------------------------------------------------------------------
+def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
+    from fedclip.config import FabricConfig, FederationConfig, FitConfig
+    from fedclip.data import IID, Dirichlet, Shapes
+    from fedclip.data.federated import DataConfig
+    from fedclip.federation import Federation
+    from fedclip.learners import OptimConfig, ZeroShot
+    from fedclip.strategies import FedAvg, PFedMoAP
+
+    methods = {
+        "zero-shot": lambda: (ZeroShot(), FedAvg(), 0.002),
+        "PromptFL": lambda: (TextualPrompt(n_ctx=4, ctx_init="a photo of a"), FedAvg(), 0.05),
+        "FedMVP": lambda: (FedMVP(attributes="shapes"), FedAvg(weighted=False), 0.003),
+        "pFedMoAP": lambda: (
+            MixtureOfPrompts(n_ctx=4, ctx_init="a photo of a"),
+            PFedMoAP(num_experts=5),
+            0.002,
+        ),
+    }
+    rows = []
+    dirichlet = lambda: Dirichlet(0.1, min_size=2 if sizes.accuracy_images[0] < 10 else 10)  # noqa: E731
+    for split_name, partitioner in (("IID", IID), ("Dirichlet 0.1", dirichlet)):
+        for method, make in methods.items():
+            learner, strategy, lr = make()
+            cfg = FitConfig(
+                backbone=BackboneConfig(
+                    model="fedclip-tiny-vit", pretrained=sizes.accuracy_backbone
+                ),
+                learner=learner,
+                strategy=strategy,
+                data=DataConfig(
+                    dataset=Shapes(
+                        num_classes=20,
+                        train_per_class=sizes.accuracy_images[0],
+                        test_per_class=sizes.accuracy_images[1],
+                    ),
+                    partitioner=partitioner(),
+                    num_clients=10,
+                    batch_size=32,
+                ),
+                federation=FederationConfig(rounds=sizes.accuracy_rounds, local_epochs=2),
+                optim=OptimConfig(lr=lr),
+                fabric=FabricConfig(accelerator="cpu"),
+            )
+            last = Federation(cfg, None, show_progress=False).fit()[-1]
+            rows.append(
+                {
+                    "partition": split_name,
+                    "method": method,
+                    "acc_mean": last["eval/acc_mean"],
+                    "acc_min": last["eval/acc_min"],
+                }
+            )
+            log.info("accuracy %s %s: %.3f", split_name, method, last["eval/acc_mean"])
+    return rows
+
+
+# ---- output ---------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    import open_clip
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def plot_scaling(scaling: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, axis in zip(axes, ("clients", "classes"), strict=True):
+        for method, r in scaling[axis].items():
+            line = ax.plot(r["x"], r["round_s"], marker="o", label=method)[0]
+            xs = np.array(r["x"], dtype=float)
+            ax.plot(xs, r["intercept_s"] + r["slope_s"] * xs, ls="--", color=line.get_color())
+        ax.set(xlabel=f"number of {axis}", ylabel="round time (s)", title=f"round time vs {axis}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [
+        "# fedclip benchmark results",
+        "",
+        f"Device: {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+        f"{env['cpu_threads']} CPU threads, torch {env['torch']}, open_clip {env['open_clip']}, "
+        f"Python {env['python']}; settings: `{results['settings']}`.",
+        "",
+        "## Local step: fedclip against the reference path (same logits)",
+        "",
+        "| model | method | fedclip step (s) | reference step (s) | speed-up | bf16 step (s) "
+        "| bf16 vs fp32 | max logit diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["speed"]:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['fedclip_step_s']:.3f} | "
+            f"{r['reference_step_s']:.3f} | {r['speedup']:.1f}x | {r['bf16_step_s']:.3f} | "
+            f"{r['bf16_speedup_vs_fp32']:.2f}x | {r['max_logit_diff']:.1e} |"
+        )
+    lines += ["", "## Peak memory against the number of clients", "",
+              "| model | clients | peak RSS (MB) | ratio to 1 client |", "|---|---|---|---|"]  # fmt: skip
+    for r in results["memory"]:
+        lines.append(
+            f"| {r['model']} | {r['clients']} | {r['peak_rss_mb']:.0f} | "
+            f"{r['ratio_to_1_client']:.2f} |"
+        )
+    lines += ["", "## Traffic per client per round", "",
+              "| model | method | up | down |", "|---|---|---|---|"]  # fmt: skip
+    for r in results["traffic"]:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['up_bytes'] / 1e3:,.1f} kB | "
+            f"{r['down_bytes'] / 1e3:,.1f} kB |"
+        )
+    lines += ["", "## Round time: fitted lines (tiny model, CPU)", "",
+              "| method | s per client | s per class |", "|---|---|---|"]  # fmt: skip
+    sc = results["scaling"]
+    for method in sc["clients"]:
+        lines.append(
+            f"| {method} | {sc['clients'][method]['slope_s']:.3f} | "
+            f"{sc['classes'][method]['slope_s']:.4f} |"
+        )
+    lines += ["", "![scaling](scaling.png)", "",
+              "## Accuracy sanity table (built-in Shapes, tiny CLIP, equal budgets)", "",
+              "| partition | method | mean acc | min acc |", "|---|---|---|---|"]  # fmt: skip
+    for r in results["accuracy"]:
+        lines.append(
+            f"| {r['partition']} | {r['method']} | {100 * r['acc_mean']:.1f}% | "
+            f"{100 * r['acc_min']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes (for the tests)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--sections",
+        default="speed,memory,traffic,scaling,accuracy",
+        help="comma-separated subset of the sections",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")  # quiet libraries
+    log.setLevel(logging.INFO)  # this script's numbers as they come
+    sizes = QUICK if args.quick else FULL
+    device = torch.device(args.device)
+    sections = set(args.sections.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "environment": environment(device),
+        "settings": "quick" if args.quick else "full",
+        "sizes": sizes.__dict__,
+        "speed": section_speed(sizes, device) if "speed" in sections else [],
+        "memory": section_memory(sizes) if "memory" in sections else [],
+        "traffic": section_traffic(sizes) if "traffic" in sections else [],
+        "scaling": section_scaling(sizes)
+        if "scaling" in sections
+        else {"clients": {}, "classes": {}},
+        "accuracy": section_accuracy(sizes) if "accuracy" in sections else [],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "results.md").write_text(markdown(results))
+    if results["scaling"]["clients"]:
+        plot_scaling(results["scaling"], out / "scaling.png")
+    log.info("wrote %s", out / "results.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""`make bench` at toy sizes: every section runs, the fast paths give the reference's logits,
+and the results are written as JSON, Markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench
+
+
+def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.QUICK, "memory_clients", (1,))  # one child process is enough
+    results = bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    methods = {(r["model"], r["method"]) for r in results["speed"]}
+    assert ("fedclip-tiny-vit", "FedMVP") in methods and ("fedclip-tiny-rn", "pFedMoAP") in methods
+    assert ("fedclip-tiny-rn", "FedMVP") not in methods  # no visual prompts on a ResNet
+    for row in results["speed"]:
+        assert row["same_logits"], row  # the fast paths compute the same thing
+        assert row["fedclip_step_s"] > 0 and row["reference_step_s"] > 0
+    assert results["memory"][0]["peak_rss_mb"] > 0
+    traffic = {r["method"]: r for r in results["traffic"]}
+    assert traffic["pFedMoAP"]["down_bytes"] == 3 * traffic["pFedMoAP"]["up_bytes"]  # 1 + E-1
+    assert traffic["FedMVP (LoRA phase)"]["up_bytes"] < traffic["FedMVP"]["up_bytes"] / 10
+    assert set(results["scaling"]["clients"]) == {"PromptFL", "pFedMoAP", "FedMVP"}
+    assert len(results["accuracy"]) == 8
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["environment"]["device"] == "cpu"
+    assert "speed-up" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "scaling.png").stat().st_size > 0
