@@ -149,6 +149,10 @@ class _TextTower:
             and all(
                 type(b) is open_clip.transformer.ResidualAttentionBlock
                 and not hasattr(b, "ln_1_kv")
+                and isinstance(b.attn, nn.MultiheadAttention)
+                and b.attn._qkv_same_embed_dim
+                and b.attn.batch_first
+                and b.attn.dropout == 0
                 for b in blocks
             )
         )
@@ -319,11 +323,32 @@ class FrozenCLIP(nn.Module):
         mask_s = full[p : p + s, : p + s]  # suffix rows: all of the prefix, causal within
         for block in tower.transformer.resblocks:
             hp, hs = block.ln_1(xp), block.ln_1(xs)
-            kv = torch.cat([hp.expand(n, -1, -1), hs], dim=1)  # (N, P + S, W)
-            xs = xs + block.ls_1(block.attention(q_x=hs, k_x=kv, v_x=kv, attn_mask=mask_s))
+            xs = xs + block.ls_1(self._suffix_attention(block.attn, hp, hs, mask_s))
             xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
             xp = block(xp, attn_mask=mask_p)
         return self._pool_project(xs, pool_at, normalize)
+
+    @staticmethod
+    def _suffix_attention(attn: nn.MultiheadAttention, hp: Tensor, hs: Tensor, mask: Tensor):
+        """Multi-head attention of the suffixes hs (N, S, W) over [prefix; own suffix], with
+        open_clip's weights; the prefix hp (1, P, W) is projected to keys and values once,
+        not once per sequence."""
+        n, s, w = hs.shape
+        h = attn.num_heads
+        dh = w // h
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        wq, wk, wv = weight.split(w)
+        bq, bk, bv = bias.split(w) if bias is not None else (None, None, None)
+
+        def heads(x: Tensor) -> Tensor:  # (B, L, W) -> (B, h, L, dh)
+            return x.view(x.shape[0], x.shape[1], h, dh).transpose(1, 2)
+
+        q = heads(F.linear(hs, wq, bq))  # (N, h, S, dh)
+        kp, vp = heads(F.linear(hp, wk, bk)), heads(F.linear(hp, wv, bv))  # (1, h, P, dh)
+        k = torch.cat([kp.expand(n, -1, -1, -1), heads(F.linear(hs, wk, bk))], dim=2)
+        v = torch.cat([vp.expand(n, -1, -1, -1), heads(F.linear(hs, wv, bv))], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (N,h,S,dh)
+        return attn.out_proj(out.transpose(1, 2).reshape(n, s, w))
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
