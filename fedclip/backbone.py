@@ -317,7 +317,6 @@ class FrozenCLIP(nn.Module):
         pos = tower.positional_embedding.to(cast)
         xp = (prefix.to(cast) + pos[:p]).unsqueeze(0)  # (1, P, W)
         xs = suffix[:, :s].to(cast) + pos[p : p + s]  # (N, S, W)
-        n = xs.shape[0]
         full = tower.attn_mask[: p + s, : p + s]
         mask_p = full[:p, :p]
         mask_s = full[p : p + s, : p + s]  # suffix rows: all of the prefix, causal within
