@@ -150,7 +150,14 @@ def _reference_text(learner: TextualPrompt, ctx: torch.Tensor) -> torch.Tensor:
     return clip.encode_prompted_text(embeds, tokens, truncate=False)
 
 
-def bench_textual(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels, mixture: bool):
+def bench_textual(
+    clip: FrozenCLIP,
+    sizes: Sizes,
+    images: torch.Tensor,
+    labels,
+    mixture: bool,
+    augment: bool = False,
+):
     names = class_names(sizes.num_classes)
     learner = (
         MixtureOfPrompts(n_ctx=sizes.n_ctx, gating_heads=8)
@@ -167,6 +174,9 @@ def bench_textual(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels, 
     batch = Batch(labels=labels, index=torch.arange(len(labels)), features=feats)
 
     def fast_step():
+        if augment:  # random augmentation: no image cache, the text side's gain alone
+            with torch.no_grad():
+                batch.features = clip.encode_image(images)
         _sgd_step(learner, learner.loss(learner(batch), batch))
 
     def reference_logits():
@@ -249,6 +259,25 @@ def section_speed(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
         if clip.accepts_visual_prompts:
             fast, ref, diff = bench_fedmvp(clip, sizes, images, labels)
             rows += _speed_rows(model, "FedMVP", fast, ref, diff, sizes, device)
+        clip.to("cpu")
+    return rows
+
+
+def section_speed_augment(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    """PromptFL with random augmentation on: the image encoder runs at every step on both
+    paths, so the ratio is the text side's gain alone."""
+    rows = []
+    for model in sizes.models:
+        clip = load_backbone(BackboneConfig(model=model))
+        clip.to(device)
+        size = clip.preprocess_val.transforms[0].size
+        side = size if isinstance(size, int) else size[0]
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(sizes.batch, 3, side, side, generator=gen).to(device)
+        labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+        fast, ref, diff = bench_textual(clip, sizes, images, labels, False, augment=True)
+        no_bf16 = Sizes(**{**sizes.__dict__, "bf16": False})
+        rows += _speed_rows(model, "PromptFL (augmented)", fast, ref, diff, no_bf16, device)
         clip.to("cpu")
     return rows
 
@@ -558,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--sections",
-        default="speed,memory,traffic,scaling,accuracy",
+        default="speed,speed_augment,memory,traffic,scaling,accuracy",
         help="comma-separated subset of the sections",
     )
     args = parser.parse_args(argv)
@@ -579,7 +608,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": environment(device),
         "settings": "quick" if args.quick else "full",
         "sizes": sizes.__dict__,
-        "speed": section_speed(sizes, device) if "speed" in sections else [],
+        "speed": (section_speed(sizes, device) if "speed" in sections else [])
+        + (section_speed_augment(sizes, device) if "speed_augment" in sections else []),
         "memory": section_memory(sizes) if "memory" in sections else [],
         "traffic": section_traffic(sizes) if "traffic" in sections else [],
         "scaling": section_scaling(sizes)

@@ -14,6 +14,7 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     methods = {(r["model"], r["method"]) for r in results["speed"]}
     assert ("fedclip-tiny-vit", "FedMVP") in methods and ("fedclip-tiny-rn", "pFedMoAP") in methods
     assert ("fedclip-tiny-rn", "FedMVP") not in methods  # no visual prompts on a ResNet
+    assert ("fedclip-tiny-vit", "PromptFL (augmented)") in methods  # the text-side gain
     for row in results["speed"]:
         assert row["same_logits"], row  # the fast paths compute the same thing
         assert row["fedclip_step_s"] > 0 and row["reference_step_s"] > 0
