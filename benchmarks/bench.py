@@ -242,16 +242,23 @@ def bench_fedmvp(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels):
     return fast_step, reference_step, diff
 
 
+def _inputs(model: str, sizes: Sizes, device: torch.device):
+    """The backbone (random weights) on `device`, a batch of random images at its input
+    size and random labels."""
+    clip = load_backbone(BackboneConfig(model=model))
+    clip.to(device)
+    size = clip.preprocess_val.transforms[0].size
+    side = size if isinstance(size, int) else size[0]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(sizes.batch, 3, side, side, generator=gen).to(device)
+    labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+    return clip, images, labels
+
+
 def section_speed(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for model in sizes.models:
-        clip = load_backbone(BackboneConfig(model=model))
-        clip.to(device)
-        size = clip.preprocess_val.transforms[0].size
-        side = size if isinstance(size, int) else size[0]
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randn(sizes.batch, 3, side, side, generator=gen).to(device)
-        labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+        clip, images, labels = _inputs(model, sizes, device)
         methods = {"PromptFL": False, "pFedMoAP": True}
         for method, mixture in methods.items():
             fast, ref, diff = bench_textual(clip, sizes, images, labels, mixture)
@@ -268,13 +275,7 @@ def section_speed_augment(sizes: Sizes, device: torch.device) -> list[dict[str, 
     paths, so the ratio is the text side's gain alone."""
     rows = []
     for model in sizes.models:
-        clip = load_backbone(BackboneConfig(model=model))
-        clip.to(device)
-        size = clip.preprocess_val.transforms[0].size
-        side = size if isinstance(size, int) else size[0]
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randn(sizes.batch, 3, side, side, generator=gen).to(device)
-        labels = torch.randint(0, sizes.num_classes, (sizes.batch,), generator=gen).to(device)
+        clip, images, labels = _inputs(model, sizes, device)
         fast, ref, diff = bench_textual(clip, sizes, images, labels, False, augment=True)
         no_bf16 = Sizes(**{**sizes.__dict__, "bf16": False})
         rows += _speed_rows(model, "PromptFL (augmented)", fast, ref, diff, no_bf16, device)
