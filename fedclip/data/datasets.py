@@ -197,22 +197,40 @@ def draw_shape(colour: str, shape: str, image_size: int, rng: np.random.Generato
     image = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(image)
 
-    base = np.array(COLOURS[colour])
-    fill = tuple(int(v) for v in np.clip(base + rng.integers(-20, 21, size=3), 0, 255))
+    fill = jittered_colour(colour, rng)
     radius = rng.uniform(0.18, 0.32) * s
     cx, cy = rng.uniform(radius, s - radius, size=2)
-    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    paint_shape(draw, shape, (cx - radius, cy - radius, cx + radius, cy + radius), fill, rng)
+    return image
+
+
+def jittered_colour(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """`colour` with each channel moved by up to +-20, from `rng`."""
+    base = np.array(COLOURS[colour])
+    return tuple(int(v) for v in np.clip(base + rng.integers(-20, 21, size=3), 0, 255))
+
+
+def paint_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    box: tuple[float, float, float, float],
+    fill: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> None:
+    """Draw `shape` filling the square `box` (x0, y0, x1, y1); polygons get a slight tilt."""
+    x0, y0, x1, _ = box
+    radius = (x1 - x0) / 2
+    cx, cy = x0 + radius, box[1] + radius
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(list(box), fill=fill)
     elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(1, round(0.35 * radius)))
+        draw.ellipse(list(box), outline=fill, width=max(1, round(0.35 * radius)))
     else:
         # Only a small tilt: a square turned by 45 degrees would be a diamond.
         a = rng.uniform(-0.25, 0.25)
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         points = _OUTLINES[shape] @ rot.T * radius + (cx, cy)  # (V, 2)
         draw.polygon(points.ravel().tolist(), fill=fill)
-    return image
 
 
 def check_shapes_args(owner: str, num_classes: int, **counts: int) -> None:

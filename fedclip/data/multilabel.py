@@ -31,14 +31,14 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from fedclip.data.datasets import (
-    _OUTLINES,
-    COLOURS,
     SHAPES,
     SPLITS,
     DataError,
     DatasetSource,
     _check_split,
     check_shapes_args,
+    jittered_colour,
+    paint_shape,
     shapes_combination,
 )
 from fedclip.data.files import missing
@@ -223,21 +223,7 @@ def draw_shape_into(
 
     As in `Shapes`: the exact colour is jittered and polygons get a slight tilt, from `rng`.
     """
-    x0, y0, x1, y1 = box
-    cx, cy, radius = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    draw = ImageDraw.Draw(image)
-    base = np.array(COLOURS[colour])
-    fill = tuple(int(v) for v in np.clip(base + rng.integers(-20, 21, size=3), 0, 255))
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(1, round(0.35 * radius)))
-    else:
-        # Only a small tilt: a square turned by 45 degrees would be a diamond.
-        a = rng.uniform(-0.25, 0.25)
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        points = _OUTLINES[shape] @ rot.T * radius + (cx, cy)  # (V, 2)
-        draw.polygon(points.ravel().tolist(), fill=fill)
+    paint_shape(ImageDraw.Draw(image), shape, box, jittered_colour(colour, rng), rng)
 
 
 def _background(size: int, rng: np.random.Generator) -> Image.Image:
