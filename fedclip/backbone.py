@@ -62,10 +62,17 @@ class BackboneConfig:
 
 
 def load_backbone(cfg: BackboneConfig) -> FrozenCLIP:
-    """Return the process-wide FrozenCLIP for `cfg`, building it on first use."""
+    """Return the process-wide FrozenCLIP for `cfg`, building it on first use.
+
+    Building never touches the caller's random state (it runs under a forked RNG seeded
+    with 0), so a run draws the same random numbers whether the backbone was cached or not,
+    and random-weight backbones (`pretrained: null`) are the same in every run.
+    """
     key = (cfg.model, cfg.pretrained, cfg.force_quick_gelu)
     if key not in _LOADED:
-        _LOADED[key] = FrozenCLIP.from_config(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _LOADED[key] = FrozenCLIP.from_config(cfg)
     return _LOADED[key]
 
 
@@ -438,8 +445,16 @@ class FrozenCLIP(nn.Module):
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
         missing = idx[~have[idx]].unique().cpu().numpy()
         if len(missing):
+            from fedclip.interrupt import ignore_stop_signals
+
+            # its own generator: filling the cache must not draw from the global RNG, or a
+            # resumed process (which fills it later) would drift from an uninterrupted one
             loader = DataLoader(
-                IndexedSubset(dataset, missing), batch_size=batch_size, num_workers=num_workers
+                IndexedSubset(dataset, missing),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                generator=torch.Generator().manual_seed(0),
+                worker_init_fn=ignore_stop_signals,
             )
             for images, _, sample_ids in loader:
                 out = self.encode_image(images.to(self.device)).float()

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FORMAT = "fedclip-federation"
-VERSION = 1
+VERSION = 2  # 2: failures, the round in progress and privacy state
 
 
 class CheckpointError(ValueError):
@@ -40,22 +45,52 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to `path` to write to; renamed over `path` when the block
+    succeeds, removed when it fails (the old file, if any, stays as it was)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file so that a crash leaves the old or the new content, never a mix."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def load_checkpoint(path: str | Path, expect_format: str = FORMAT) -> dict[str, Any]:
     """Load a fedclip checkpoint with weights_only=True; refuse anything else in one line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. old pickle protocols: the error says enough
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refusing checkpoint {path}: it is corrupt or carries objects other than tensors "
-            f"and plain containers ({first[:160]})"
-        ) from e
+        text = _ANSI.sub("", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = (
+            f"it holds {found.group(1)}, not only tensors and plain containers (loading it "
+            "could run code)"
+            if found
+            else f"it is corrupt or holds objects other than tensors and plain containers "
+            f"({(text.strip().splitlines() or [type(e).__name__])[0][:160]})"
+        )
+        raise CheckpointError(f"refusing checkpoint {path}: {what}") from e
     except Exception as e:  # truncated zip, not a torch file, ...
+        first = _ANSI.sub("", str(e)).strip().splitlines()
         raise CheckpointError(
-            f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            f"corrupt checkpoint {path}: {type(e).__name__}: {first[0][:160] if first else ''}"
         ) from e
     if not isinstance(obj, dict) or obj.get("format") != expect_format:
         raise CheckpointError(f"{path} is not a {expect_format} checkpoint")

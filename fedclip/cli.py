@@ -1,5 +1,5 @@
-"""The `fedclip` command: `fedclip fit --config X.yaml`, `fedclip evaluate --run_dir R` and
-`fedclip partition --config X.yaml`.
+"""The `fedclip` command: `fedclip fit --config X.yaml`, `fedclip evaluate --run_dir R`,
+`fedclip partition --config X.yaml` and `fedclip export --run_dir R`.
 
 Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
 `--print_config` prints the resolved configuration. Bad input exits with code 2 and a single
@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -21,8 +22,10 @@ from typing import Any
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from fedclip.checkpoint import atomic_path, write_text_atomic
 from fedclip.config import FitConfig
 from fedclip.data.datasets import DatasetSource
+from fedclip.export import cmd_export
 
 DEFAULTS = {
     "learner": {"class_path": "fedclip.learners.TextualPrompt"},
@@ -81,9 +84,49 @@ def _one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Every --config file must exist and be valid YAML; say which file and where if not."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not Path(path).is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UsageError(f"{path}: not valid YAML: {problem}{where}") from e
+
+
+def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    """Leaf keys where two plain configs differ, as 'a.b.c (saved X, given Y)'."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out = []
+        for key in sorted(set(saved) | set(given), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += _differences(saved.get(key), given.get(key), name)
+        return out
+    return [] if saved == given else [f"{prefix} (saved {saved!r}, given {given!r})"]
+
+
+def check_run_name(name: str) -> None:
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise UsageError(
+            f"run_name {name!r} must be a plain folder name (no path separators or '..')"
+        )
+
+
 def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
     """Instantiate the parsed namespace into a FitConfig plus its plain-data dump."""
-    plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jsonargparse's notices about its own API
+        plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
     for key in ("config", "resume", "progress", "print_config", "out"):
         plain.pop(key, None)
     init = (
@@ -136,18 +179,26 @@ def write_results(fed, run_dir: Path) -> None:
     from fedclip.report import plot_curves
 
     summary = fed.summary()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    plot_curves(fed.history, run_dir / "curves.png")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    with atomic_path(run_dir / "curves.png") as tmp:
+        plot_curves(fed.history, tmp)
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from fedclip.federation import Federation
+    from fedclip.federation import Federation, FederationError
 
+    check_config_files(argv)
     parser = fit_parser()
     ns = parser.parse_args(argv)
     cfg, plain = build_fit_config(parser, ns)
     run_name = cfg.run_name or default_run_name(cfg)
+    check_run_name(run_name)
     run_dir = Path(cfg.output_dir) / run_name
+    for folder in (Path(cfg.output_dir), run_dir, run_dir / "checkpoints"):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(
+                f"{folder} exists and is not a folder; choose another output_dir/run_name"
+            )
     plain["run_name"] = run_name
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ns.resume and not ckpt.is_file():
@@ -159,25 +210,46 @@ def cmd_fit(argv: list[str]) -> int:
         )
     if ns.resume:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        changed = sorted(
-            k for k in plain if k not in {"federation", "logger"} and plain[k] != saved.get(k)
-        )
+        changed = [
+            d
+            for k in sorted(set(plain) | set(saved))
+            if k not in {"federation", "logger"}
+            for d in _differences(saved.get(k), plain.get(k), k)
+        ]
         if changed:
-            raise UsageError(
-                f"--resume: config differs from {run_dir / 'config.yaml'} in {', '.join(changed)}"
+            shown = "; ".join(changed[:3]) + (
+                f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
             )
+            raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")
     fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
+    if ns.resume:
+        fed.load(ckpt)  # a corrupt or foreign checkpoint stops here, before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
     from fedclip.report import write_partition
 
     write_partition(fed.data.summary(), run_dir)
+    resume_hint = f"fedclip fit --config {run_dir / 'config.yaml'} --resume true"
     try:
         fed.fit(resume=ns.resume)
     except KeyboardInterrupt:
-        print(f"interrupted; the last completed round is in {ckpt}", file=sys.stderr)
+        print(f"aborted; the last checkpoint is {ckpt} (continue: {resume_hint})", file=sys.stderr)
         return 130
+    except FederationError as e:
+        print(
+            f"fedclip fit: stopped: {_one_line(str(e))}; the round so far is in {ckpt} "
+            f"(continue: {resume_hint}, e.g. with a higher federation.max_client_failures)",
+            file=sys.stderr,
+        )
+        return 1
     write_results(fed, run_dir)
+    if fed.stopped_by is not None:
+        name = signal.Signals(fed.stopped_by).name
+        print(
+            f"stopped by {name} after a checkpoint: {ckpt} (continue: {resume_hint})",
+            file=sys.stderr,
+        )
+        return 128 + fed.stopped_by
     print_table(fed, f"{run_name}: round {fed.round}")
     print(f"run folder: {run_dir}")
     return 0
@@ -209,7 +281,7 @@ def cmd_evaluate(argv: list[str]) -> int:
             f"{name}: accuracy {100 * transfer[f'transfer/{name}/acc']:.2f}% (pooled over clients)"
         )
     fed.history.append({"round": float(fed.round), **metrics})
-    (run_dir / "eval.json").write_text(json.dumps({"round": fed.round, **metrics}, indent=2))
+    write_text_atomic(run_dir / "eval.json", json.dumps({"round": fed.round, **metrics}, indent=2))
     print_table(fed, f"{run_dir.name}: evaluation after round {fed.round}")
     return 0
 
@@ -236,6 +308,7 @@ def cmd_partition(argv: list[str]) -> int:
     from fedclip.data.federated import FederatedData
     from fedclip.report import partition_table, write_partition
 
+    check_config_files(argv)
     parser = partition_parser()
     ns = parser.parse_args(argv)
     cfg, _ = build_fit_config(parser, ns)
@@ -249,19 +322,31 @@ def cmd_partition(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "evaluate": cmd_evaluate, "partition": cmd_partition}
+COMMANDS = {
+    "fit": cmd_fit,
+    "evaluate": cmd_evaluate,
+    "partition": cmd_partition,
+    "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+    usage = (
+        f"usage: fedclip {{{','.join(COMMANDS)}}} [--config X.yaml] [options]  "
+        "(fedclip fit -h for all keys)"
+    )
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage)
+        return 0
+    if argv[0] not in COMMANDS:
         print(
-            "usage: fedclip {fit,evaluate,partition} [--config X.yaml] [options]  "
-            "(fedclip fit -h for all keys)"
+            f"fedclip: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
         )
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+        return 2
     from fedclip.backbone import BackboneError
     from fedclip.checkpoint import CheckpointError
     from fedclip.data.datasets import DataError
@@ -275,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         CheckpointError,
         ValueError,
+        OSError,
     ) as e:
         if os.environ.get("FEDCLIP_DEBUG"):
             raise

@@ -13,6 +13,7 @@ from fedclip.backbone import BackboneConfig
 from fedclip.data.federated import DataConfig
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
+from fedclip.privacy import PrivacyConfig
 from fedclip.strategies.base import Strategy
 from fedclip.strategies.fedavg import FedAvg
 
@@ -27,6 +28,10 @@ class FederationConfig:
         local_epochs: local epochs per sampled client per round (one step per batch).
         eval_every: evaluate every client every this many rounds (and after the last).
         eval_at_start: evaluate the initial prompts before round 1 (logged as round 0).
+        max_client_failures: a client whose local training raises or whose loss is not
+            finite, or whose upload is invalid, is left out of its round (logged with its id
+            and reason); the run stops when more than this many fail in one round. null: stop
+            only when every sampled client of a round fails. Can be changed on --resume.
     """
 
     rounds: int = 10
@@ -34,6 +39,7 @@ class FederationConfig:
     local_epochs: int = 1
     eval_every: int = 1
     eval_at_start: bool = True
+    max_client_failures: int | None = None
 
 
 @dataclass
@@ -85,6 +91,7 @@ class FitConfig:
         fabric: devices and precision.
         logger: metric loggers.
         multilabel: loss of multi-label data sets (ignored for single-label ones).
+        privacy: differential privacy of the uploads (client-level clipping and noise).
     """
 
     seed: int = 0
@@ -99,3 +106,4 @@ class FitConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

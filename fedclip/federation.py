@@ -5,6 +5,13 @@ download, local epochs, upload, aggregate, evaluate, log, checkpoint. Everything
 drawn from generators seeded by the config's seed (client sampling state is checkpointed;
 shuffling is seeded by (seed, round, client)), so a resumed run reaches the same state as
 an uninterrupted one.
+
+Reliability: a client whose local work raises or whose loss is not finite is rolled back
+and left out of the round's aggregation (logged with its id and reason); its upload, like
+every upload, is validated before aggregation. The run stops only when more clients fail
+in one round than `federation.max_client_failures` allows. SIGINT/SIGTERM stop the run at
+the next safe point, between two clients, after writing a checkpoint that holds the round
+so far; `--resume` continues it to the same final state.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ from fedclip.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 from fedclip.client import ClientModule
 from fedclip.config import FitConfig
 from fedclip.data.federated import FederatedData
+from fedclip.interrupt import GracefulStop
 from fedclip.metrics import (
     base_to_novel_metrics,
     client_metric,
     multilabel_metrics,
     summarize,
 )
+from fedclip.privacy import DifferentialPrivacy, check_strategy, update_norm
 from fedclip.progress import Progress
 from fedclip.strategies.base import ClientResult, Payload
 
@@ -44,6 +53,23 @@ log = logging.getLogger(__name__)
 # On resume the CSV logger starts its file anew and the checkpointed history is replayed
 # into it, so its warning about replacing the old file does not apply.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too many failed clients in a round); one line."""
+
+
+class ClientFailure(Exception):
+    """One client's local work failed (e.g. a non-finite loss): its round is dropped."""
+
+
+class _Stopped(Exception):
+    """A stop request (SIGINT/SIGTERM) interrupted the round."""
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -64,8 +90,8 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     volatile = {"output_dir", "run_name", "logger", "config", "resume", "__path__"}
     core = {k: v for k, v in config.items() if k not in volatile}
     fed = dict(core.get("federation", {}))
-    fed.pop("rounds", None)
-    fed.pop("eval_every", None)
+    for key in ("rounds", "eval_every", "max_client_failures"):
+        fed.pop(key, None)
     core["federation"] = fed
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -97,9 +123,14 @@ class Federation:
             raise ValueError(f"federation.local_epochs must be >= 1, got {fed.local_epochs}")
         if fed.eval_every < 1:
             raise ValueError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
+        if fed.max_client_failures is not None and fed.max_client_failures < 0:
+            raise ValueError(
+                f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
+            )
         if cfg.fabric.devices != 1:
             raise ValueError("fabric.devices must be 1: clients are simulated on one device")
         cfg.strategy.check_learner(cfg.learner)
+        check_strategy(cfg.privacy, cfg.strategy)
 
         loggers = []
         if self.run_dir is not None:
@@ -125,11 +156,22 @@ class Federation:
 
         self.clients = [self._make_client(k) for k in range(self.data.num_clients)]
         self.strategy = cfg.strategy
-        self.strategy.initialize(self.clients[0].upload(), self.data.num_clients, cfg.seed)
+        self.strategy.initialize(
+            self.clients[0].upload(),
+            self.data.num_clients,
+            cfg.seed,
+            schema=dict(self.clients[0].learner.named_parameters()),
+        )
+        self.privacy = DifferentialPrivacy(cfg.privacy, self.data.num_clients, cfg.seed)
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.round = 0  # rounds completed
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[int, float] = {}
+        self.failures: list[dict[str, Any]] = []  # {"round", "client", "reason"} of every failure
+        self.partial: dict[str, Any] | None = None  # the round in progress (checkpointed on stop)
+        self.stopped_by: int | None = None  # the signal that stopped the last fit(), if any
+        self._stop: GracefulStop | None = None
+        self.loaded = False  # state loaded from a checkpoint
 
     @property
     def metric(self) -> str:
@@ -187,12 +229,14 @@ class Federation:
                 np.random.SeedSequence([self.cfg.seed, rnd, k, epoch]).generate_state(1)[0]
             )
             for i, batch in enumerate(self.data.batches(k, "train", epoch_seed=shuffle_seed)):
+                if self._stop_requested():
+                    raise _Stopped
                 batch = batch.to(self.fabric.device)
                 with self.fabric.autocast():
                     loss = client.training_step(batch, i)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"client {k}: non-finite loss {loss.item()} in round {rnd}"
+                    raise ClientFailure(
+                        f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}"
                     )
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -317,68 +361,209 @@ class Federation:
         metrics.update({f"client/{k}/acc": v for k, v in result.items()})
         return metrics
 
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.requested is not None
+
+    def _snapshot(self, k: int) -> tuple[dict[str, Any], Tensor]:
+        """Client k's personal state (a deep copy) and the RNG state, before its turn."""
+        return copy.deepcopy(self.clients[k].client_state()), torch.get_rng_state()
+
+    def _restore(self, k: int, snapshot: tuple[dict[str, Any], Tensor], rng: bool) -> None:
+        state, rng_state = snapshot
+        client = self.clients[k]
+        if not state["optimizers"]:
+            client.optimizer_pairs = None  # it had none: the next turn builds fresh ones
+        client.load_client_state(state)
+        if rng:
+            torch.set_rng_state(rng_state)
+
+    def _client_turn(self, k: int, rnd: int, payload: Payload | None, out: dict) -> None:
+        """Client k's part of round rnd: download, local training, checked upload. What it
+        did is recorded in `out` (down/up bytes, loss, result, metrics, released)."""
+        client = self.clients[k]
+        payload = client.wanted(payload)
+        client.receive(payload)
+        out["down"] = tensor_bytes(payload) if payload is not None else 0
+        # the update is measured against what the client starts from (the download, for
+        # the keys it downloaded)
+        reference = {n: v.detach().cpu().clone() for n, v in client.learner.shared_state().items()}
+        loss = self.fit_client(k, rnd)
+        out["loss"] = loss
+        if self.strategy.collects_uploads:
+            state = self.strategy.validate_upload(client.upload(), client.learner.shared_keys())
+            if self.privacy.enabled:
+                state, dp_metrics = self.privacy.privatize_upload(state, reference, rnd, k)
+                out["metrics"].update({f"client/{k}/{n}": v for n, v in dp_metrics.items()})
+                out["released"] = True  # sent, even if the server then rejects it
+                self.strategy.validate_upload(state)  # what actually left the client
+            else:
+                update = {n: state[n] - reference[n] for n in state if n in reference}
+                out["metrics"][f"client/{k}/update_norm"] = update_norm(update)
+            out["up"] = tensor_bytes(state)
+            out["result"] = {
+                "state": state,
+                "num_samples": self.data.num_train(k),
+                "metrics": {"loss": loss},
+            }
+        if client.learner.end_of_round(loss):
+            client.optimizer_pairs = None  # a new trainable set: fresh optimizers
+
+    @staticmethod
+    def _commit(k: int, out: dict, turn: dict) -> None:
+        turn["down"] += out.get("down", 0)
+        turn["up"] += out.get("up", 0)
+        turn["metrics"].update(out["metrics"])
+        if out.get("released"):
+            turn["released"].append(k)
+        if "result" in out:
+            turn["results"][k] = out["result"]
+        turn["losses"][k] = out.get("loss", float("nan"))
+        turn["done"].append(k)
+
+    def _fail(self, k: int, rnd: int, error: BaseException, turn: dict) -> None:
+        reason = _reason(error)
+        log.warning("round %d: client %d failed and is left out: %s", rnd + 1, k, reason)
+        turn["failures"].append({"round": rnd + 1, "client": k, "reason": reason})
+        failed, limit = len(turn["failures"]), self.cfg.federation.max_client_failures
+        if (limit is not None and failed > limit) or (
+            limit is None and failed == len(turn["sampled"])
+        ):
+            allowed = (
+                "every sampled client failed"
+                if limit is None
+                else (f"{failed} clients failed, more than federation.max_client_failures={limit}")
+            )
+            raise FederationError(f"round {rnd + 1}: {allowed}; last: client {k}, {reason}")
+
     def run_round(self, rnd: int, progress: Progress) -> dict[str, float]:
+        """One round; resumes the checkpointed part of round rnd when there is one."""
         t0 = time.perf_counter()
-        sampled = self.sample_clients()
+        turn = self.partial if self.partial is not None and self.partial["round"] == rnd else None
+        if turn is None:
+            turn = {
+                "round": rnd, "sampled": self.sample_clients(), "done": [], "results": {},
+                "losses": {}, "failures": [], "metrics": {}, "released": [], "down": 0, "up": 0,
+                "elapsed": 0.0,
+            }  # fmt: skip
+        self.partial = turn
+        sampled = turn["sampled"]
         payloads = self.strategy.configure_round(rnd, sampled)
-        results: dict[int, ClientResult] = {}
-        down = up = 0
-        losses: dict[int, float] = {}
         progress.start_clients(rnd, len(sampled))
-        for k in sampled:
-            client = self.clients[k]
-            payload = client.wanted(payloads.get(k))
-            client.receive(payload)
-            down += tensor_bytes(payload) if payload is not None else 0
-            losses[k] = self.fit_client(k, rnd)
-            if self.strategy.collects_uploads:
-                state = client.upload()
-                up += tensor_bytes(state)
-                results[k] = ClientResult(k, state, self.data.num_train(k), {"loss": losses[k]})
-            if client.learner.end_of_round(losses[k]):
-                client.optimizer_pairs = None  # a new trainable set: fresh optimizers
-            progress.client_done(k)
+        try:
+            for k in sampled:
+                if k not in turn["done"]:
+                    if self._stop_requested():
+                        raise _Stopped
+                    snapshot = self._snapshot(k)
+                    out: dict[str, Any] = {"metrics": {}}
+                    try:
+                        self._client_turn(k, rnd, payloads.get(k), out)
+                    except _Stopped:
+                        self._restore(k, snapshot, rng=True)  # it runs again on resume
+                        raise
+                    except Exception as e:  # noqa: BLE001 (any client error drops the client)
+                        if self._stop_requested():  # e.g. a data worker hit by the signal
+                            self._restore(k, snapshot, rng=True)
+                            raise _Stopped from e
+                        self._restore(k, snapshot, rng=False)
+                        out.pop("result", None)
+                        out.pop("up", None)
+                        out["loss"] = float("nan")
+                        self._commit(k, out, turn)
+                        progress.client_done(k)
+                        self._fail(k, rnd, e, turn)
+                        continue
+                    self._commit(k, out, turn)
+                progress.client_done(k)
+        finally:
+            turn["elapsed"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+        results = {
+            k: ClientResult(k, r["state"], r["num_samples"], r["metrics"])
+            for k, r in sorted(turn["results"].items())
+        }
         _, agg_metrics = self.strategy.aggregate(rnd, results)
         metrics: dict[str, float] = {"round": float(rnd + 1)}
+        if self.privacy.enabled:
+            if results and self.privacy.cfg.mode == "central":
+                keys = sorted({n for r in results.values() for n in r.state})
+                self.strategy.global_state = self.privacy.noise_aggregate(
+                    self.strategy.global_state, keys, len(results), rnd
+                )
+            # every client whose private upload left it counts, accepted or not
+            metrics.update(self.privacy.account(rnd, sorted(turn["released"]), len(sampled)))
+        losses = turn["losses"]
         finite = [v for v in losses.values() if not math.isnan(v)]
         metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
         metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
+        metrics.update(turn["metrics"])
         metrics.update({f"server/{k}": v for k, v in agg_metrics.items()})
-        metrics["traffic/down_bytes"] = float(down)
-        metrics["traffic/up_bytes"] = float(up)
+        metrics["train/failed_clients"] = float(len(turn["failures"]))
+        metrics.update({f"client/{f['client']}/failed": 1.0 for f in turn["failures"]})
+        metrics["traffic/down_bytes"] = float(turn["down"])
+        metrics["traffic/up_bytes"] = float(turn["up"])
         metrics["traffic/sampled_clients"] = float(len(sampled))
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluation_metrics(rnd))
-        metrics["time/round_s"] = time.perf_counter() - t0
+        metrics["time/round_s"] = turn["elapsed"] + time.perf_counter() - t0
+        self.failures.extend(turn["failures"])
+        self.partial = None
         return metrics
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict[str, float]]:
-        """Run the remaining rounds (all of them, or up to `stop_after` completed rounds)."""
+        """Run the remaining rounds (all of them, or up to `stop_after` completed rounds).
+
+        SIGINT/SIGTERM stop it at the next safe point after a checkpoint is written
+        (`stopped_by` then holds the signal); too many failed clients in a round raise
+        FederationError after the same checkpoint.
+        """
         fed = self.cfg.federation
-        if resume:
+        self.stopped_by = None
+        if resume and not self.loaded:
             self.load(self.checkpoint_path)
+        if self.loaded:
             for row in self.history:  # the CSV logger starts a fresh file: replay the past
                 self.fabric.log_dict(row, step=int(row["round"]))
-        elif fed.eval_at_start and self.round == 0:
+        elif fed.eval_at_start and not self.history:
             row = {"round": 0.0, **self.evaluation_metrics(-1)}
             self.history.append(row)
             self.fabric.log_dict(row, step=0)
         last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
-        with Progress(fed.rounds, enabled=self.show_progress) as progress:
-            progress.advance_rounds(self.round)
-            for rnd in range(self.round, last):
-                metrics = self.run_round(rnd, progress)
-                self.round = rnd + 1
-                self.history.append(metrics)
-                self.fabric.log_dict(metrics, step=self.round)
-                self._flush_loggers()
-                progress.round_done(metrics)
-                if self.run_dir is not None:
-                    self.save(self.checkpoint_path)
+        with (
+            GracefulStop("the federation") as stop,
+            Progress(fed.rounds, enabled=self.show_progress) as progress,
+        ):
+            self._stop = stop
+            try:
+                progress.advance_rounds(self.round)
+                for rnd in range(self.round, last):
+                    try:
+                        metrics = self.run_round(rnd, progress)
+                    except (_Stopped, FederationError):
+                        self._save_if_run_dir()  # the round so far: resume goes on from here
+                        if stop.requested is None:
+                            raise
+                        break
+                    self.round = rnd + 1
+                    self.history.append(metrics)
+                    self.fabric.log_dict(metrics, step=self.round)
+                    self._flush_loggers()
+                    progress.round_done(metrics)
+                    self._save_if_run_dir()
+                    if stop.requested is not None:
+                        break
+            finally:
+                self._stop = None
+                self.stopped_by = stop.requested
         self._flush_loggers()
         return self.history
+
+    def _save_if_run_dir(self) -> None:
+        if self.run_dir is not None:
+            self.save(self.checkpoint_path)
 
     def _flush_loggers(self) -> None:
         for lg in self.fabric.loggers:
@@ -402,6 +587,9 @@ class Federation:
             "sampler": self.sampler.get_state(),
             "history": self.history,
             "torch_rng": torch.get_rng_state(),
+            "failures": self.failures,
+            "partial": self.partial,
+            "privacy": self.privacy.state_dict(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -425,6 +613,10 @@ class Federation:
         torch.set_rng_state(state["torch_rng"])
         self.history = list(state["history"])
         self.round = int(state["round"])
+        self.failures = list(state["failures"])
+        self.partial = state["partial"]
+        self.privacy.load_state_dict(state["privacy"])
+        self.loaded = True
 
     # ---- results -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -456,4 +648,9 @@ class Federation:
             },
             "optim": asdict(self.cfg.optim),
             "metric": self.metric,
+            "failures": self.failures,
+            "privacy": {
+                **asdict(self.privacy.cfg),
+                "epsilon": final.get("privacy/epsilon") if self.privacy.enabled else None,
+            },
         }

@@ -37,6 +37,11 @@ def round_line(metrics: dict[str, float], rounds: int) -> str:
             f"base {100 * metrics['eval/base']:.2f}% novel {100 * metrics['eval/novel']:.2f}% "
             f"HM {100 * metrics['eval/hm']:.2f}%"
         )
+    failed = metrics.get("train/failed_clients", 0.0)
+    if failed:
+        parts.append(f"{int(failed)} client(s) failed")
+    if "privacy/epsilon" in metrics:
+        parts.append(f"eps {metrics['privacy/epsilon']:.2f}")
     parts.append(
         f"up {human_bytes(metrics.get('traffic/up_bytes', 0))} "
         f"down {human_bytes(metrics.get('traffic/down_bytes', 0))}"

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedclip.checkpoint import atomic_path, write_text_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -110,6 +112,7 @@ def write_partition(summary: dict[str, Any], folder: Path, stem: str = "partitio
     """`stem`.json (the summary) and `stem`.png (the heatmap) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     js, png = folder / f"{stem}.json", folder / f"{stem}.png"
-    js.write_text(json.dumps(summary, indent=1))
-    plot_partition(summary, png)
+    write_text_atomic(js, json.dumps(summary, indent=1))
+    with atomic_path(png) as tmp:
+        plot_partition(summary, tmp)
     return [js, png]

@@ -384,10 +384,42 @@ class _CIFAR(DatasetSource):
                     f"{self._title} under {self.root} is corrupted after download; "
                     f"delete {self.folder} and retry, or {fix}"
                 ) from None
+            if not os.path.isdir(self.folder):
+                raise DataError(
+                    f"{self._title} not found under {self.root} (looked for {where}); "
+                    f"set data.dataset.init_args.download=true to fetch it (needs internet) "
+                    f"or {fix}"
+                ) from None
             raise DataError(
-                f"{self._title} not found under {self.root} (looked for {where}); "
-                f"set data.dataset.init_args.download=true to fetch it (needs internet) or {fix}"
+                f"{self._title} under {self.root} is corrupt or incomplete ({self._damage()}); "
+                f"delete {self.folder} and set data.dataset.init_args.download=true to fetch it "
+                f"again (needs internet), or {fix}"
             ) from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            # files that pass the integrity check but do not unpickle into CIFAR batches
+            reason = (str(e).splitlines() or [""])[0]
+            raise DataError(
+                f"{self._title} under {self.root} is corrupt: {self.folder} holds files that are "
+                f"not CIFAR python batches ({type(e).__name__}: {reason[:120]}); {fix}"
+            ) from None
+
+    def _damage(self) -> str:
+        """Which of the published files are missing from the folder or fail their checksum."""
+        tv = self._torchvision
+        expected = [*tv.train_list, *tv.test_list, [tv.meta["filename"], tv.meta["md5"]]]
+        missing_files, bad = [], []
+        for filename, md5 in expected:
+            path = os.path.join(self.folder, filename)
+            if not os.path.isfile(path):
+                missing_files.append(filename)
+            elif not torchvision.datasets.cifar.check_integrity(path, md5):
+                bad.append(filename)
+        parts = []
+        if bad:
+            parts.append(f"{', '.join(bad)} in {self.folder} fail the published checksums")
+        if missing_files:
+            parts.append(f"{', '.join(missing_files)} missing from {self.folder}")
+        return "; ".join(parts) or f"torchvision cannot read {self.folder}"
 
     @property
     def classnames(self) -> list[str]:

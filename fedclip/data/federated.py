@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
+from fedclip.interrupt import ignore_stop_signals
 from fedclip.learners.base import Batch
 
 
@@ -80,8 +81,11 @@ class FederatedData:
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         if cfg.num_clients < 1:
             raise ValueError(f"data.num_clients must be >= 1, got {cfg.num_clients}")
-        if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
         self.cfg = cfg
         self.seed = seed
         self.source = cfg.dataset
@@ -226,6 +230,9 @@ class FederatedData:
                 batch_size=bs,
                 num_workers=self.cfg.num_workers,
                 collate_fn=_collate,
+                # worker seeds follow the epoch's seed, not the global RNG's state
+                generator=torch.Generator().manual_seed(epoch_seed or 0),
+                worker_init_fn=ignore_stop_signals,
             )
             for batch in loader:
                 if targets is not None:  # parts are sorted: find each sample's row

@@ -19,6 +19,7 @@ copied, trained, nor written into the learner's state_dict.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -76,6 +77,16 @@ class OptimConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"
     cosine_span: Literal["round", "run"] = "round"
 
+    def __post_init__(self) -> None:
+        # Checked when the config is built, not by torch at the first local step: by then
+        # the run folder exists and every client fails alike.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr must be > 0 and finite, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"optim.{name} must be >= 0 and finite, got {value}")
+
 
 def build_sgd(
     params: list[nn.Parameter],
@@ -132,6 +143,14 @@ class MultiLabelConfig:
     gamma_pos: float = 0.0
     gamma_neg: float = 4.0
     clip: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("gamma_pos", "gamma_neg"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"multilabel.{name} must be >= 0 and finite, got {value}")
+        if not 0 <= self.clip < 1:
+            raise ValueError(f"multilabel.clip must be in [0, 1), got {self.clip}")
 
 
 def asymmetric_loss(

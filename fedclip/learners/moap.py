@@ -152,6 +152,11 @@ class MixtureOfPrompts(TextualPrompt):
                 f"MixtureOfPrompts: lambda_local must be >= 0 and gating_lr > 0, got "
                 f"{lambda_local} and {gating_lr}"
             )
+        if gating_momentum < 0 or gating_weight_decay < 0:
+            raise ValueError(
+                "MixtureOfPrompts: gating_momentum and gating_weight_decay must be >= 0, got "
+                f"{gating_momentum} and {gating_weight_decay}"
+            )
         self.d_gating = d_gating
         self.gating_projection = gating_projection
         self.gating_heads = gating_heads

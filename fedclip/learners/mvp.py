@@ -26,6 +26,7 @@ from fedclip.data.attributes import (
     FALLBACK_TEMPLATES,
     attribute_sentences,
     load_attributes,
+    resolve_attribute_file,
 )
 from fedclip.learners.base import Batch, PromptLearner
 
@@ -173,6 +174,8 @@ class FedMVP(PromptLearner):
                 raise ValueError(f"FedMVP: {name} must be >= 1, got {value}")
         if alpha < 0:
             raise ValueError(f"FedMVP: alpha must be >= 0, got {alpha}")
+        if attributes is not None:
+            resolve_attribute_file(attributes)  # a missing file fails now, before any loading
         self.attributes = attributes
         self.template = template
         self.fallback_templates = fallback

@@ -1,6 +1,6 @@
 """Federation strategies (see base.py for the contract)."""
 
-from fedclip.strategies.base import ClientResult, Payload, Strategy
+from fedclip.strategies.base import ClientResult, Payload, Strategy, UploadError
 from fedclip.strategies.fedavg import FedAvg, FedProx, LocalOnly, weighted_average
 from fedclip.strategies.moap import PFedMoAP, select_experts
 
@@ -12,6 +12,7 @@ __all__ = [
     "PFedMoAP",
     "Payload",
     "Strategy",
+    "UploadError",
     "select_experts",
     "weighted_average",
 ]

@@ -3,7 +3,8 @@
 A strategy decides what each sampled client downloads (`configure_round`), how the uploads
 are merged (`aggregate`) and what each client uses for evaluation (`configure_evaluate`).
 Clients that fail in a round are simply absent from `results`; a round in which no client
-returned anything leaves the global state unchanged.
+returned anything leaves the global state unchanged. Every upload is checked by
+`validate_upload` before it may reach `aggregate`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 
@@ -37,24 +39,72 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class UploadError(ValueError):
+    """An upload that must not be aggregated (unknown key, wrong shape or dtype, NaN/inf)."""
+
+
 class Strategy(abc.ABC):
     """Base of federation strategies; subclasses call super() where they extend.
 
     `collects_uploads` False means clients send nothing (local-only training).
+    `releases_uploads` True means individual uploads leave the server (e.g. as other
+    clients' experts), so only noise added by the clients themselves can protect them.
     """
 
     collects_uploads: ClassVar[bool] = True
+    releases_uploads: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.global_state: dict[str, Tensor] | None = None
+        self.schema: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.num_clients = 0
         self.seed = 0
 
-    def initialize(self, initial_state: dict[str, Tensor], num_clients: int, seed: int) -> None:
-        """Called once before round 0 with the common initial shared state."""
+    def initialize(
+        self,
+        initial_state: dict[str, Tensor],
+        num_clients: int,
+        seed: int,
+        schema: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Called once before round 0 with the common initial shared state.
+
+        schema: every tensor a client may ever upload (e.g. all of the learner's parameters,
+        including LoRA factors shared only later), for `validate_upload`; default: the
+        initial state's tensors.
+        """
         self.global_state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
+        self.schema = {k: (tuple(v.shape), v.dtype) for k, v in (schema or initial_state).items()}
         self.num_clients = num_clients
         self.seed = seed
+
+    def validate_upload(
+        self, state: Any, expected_keys: list[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Check one upload before aggregation; raise UploadError naming the first problem.
+
+        Every entry must be a tensor the schema knows, with its shape and dtype, holding
+        only finite values; with `expected_keys` (what the sender said it shares), none of
+        them may be missing.
+        """
+        if not isinstance(state, dict):
+            raise UploadError(f"the upload is a {type(state).__name__}, not a dict of tensors")
+        for key, tensor in state.items():
+            if key not in self.schema:
+                raise UploadError(f"unknown tensor {key!r}")
+            if not isinstance(tensor, Tensor):
+                raise UploadError(f"{key!r} is a {type(tensor).__name__}, not a tensor")
+            shape, dtype = self.schema[key]
+            if tuple(tensor.shape) != shape:
+                raise UploadError(f"{key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+            if tensor.dtype != dtype:
+                raise UploadError(f"{key!r} has dtype {tensor.dtype}, expected {dtype}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UploadError(f"{key!r} holds NaN or inf")
+        missing = sorted(set(expected_keys or ()) - set(state))
+        if missing:
+            raise UploadError(f"missing tensors {missing}")
+        return state
 
     def check_learner(self, learner: Any) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if this strategy cannot federate `learner` (called once, early)."""

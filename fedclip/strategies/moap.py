@@ -63,6 +63,8 @@ class PFedMoAP(FedAvg):
         weighted: weight the FedAvg of the contexts by training-sample count.
     """
 
+    releases_uploads = True  # the pool's contexts are sent to other clients as experts
+
     def __init__(
         self,
         num_experts: int = 10,
