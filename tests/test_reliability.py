@@ -73,6 +73,24 @@ def wait_for_round(ckpt: Path, proc: subprocess.Popen, at_least: int, timeout: f
     raise AssertionError(f"no checkpoint of round {at_least} within {timeout} s")
 
 
+def signal_run(
+    args: list[str], cwd: Path, ckpt: Path, at_least: int, sig: int, delay: float = 0.0
+) -> tuple[subprocess.Popen, str, int]:
+    """Start `fedclip ARGS`, send `sig` once its checkpoint reaches round `at_least` (plus a
+    random delay up to `delay` s); returns the process, its stderr and the checkpoint's
+    mtime (ns) when the signal went out."""
+    proc = start(args, cwd)
+    try:
+        wait_for_round(ckpt, proc, at_least)
+        time.sleep(random.Random().uniform(0.0, delay))
+        before = os.stat(ckpt).st_mtime_ns
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc, err, before
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     """Two federation checkpoints hold bitwise the same state (wall-clock times aside)."""
     assert a["round"] == b["round"]
@@ -101,15 +119,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     config = write_config(tmp_path, rounds=25)
     out = tmp_path / "runs"
-    proc = start(fit_args(config, out, "killed"), tmp_path)
     ckpt = out / "killed" / "checkpoints" / "last.ckpt"
-    try:
-        wait_for_round(ckpt, proc, at_least=2)
-        time.sleep(random.Random().uniform(0.0, 0.4))  # anywhere: training, eval or a save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    # anywhere after round 2: training, evaluation or a save
+    signal_run(fit_args(config, out, "killed"), tmp_path, ckpt, 2, signal.SIGKILL, delay=0.4)
     killed_at = load_checkpoint(ckpt)  # intact and loadable whatever the moment
     assert 2 <= killed_at["round"] < 25
 
@@ -151,15 +163,8 @@ def test_atomic_save_survives_sigkill_during_writes(tmp_path):
 def test_stop_signal_writes_a_checkpoint_and_exits(tmp_path, sig):
     config = write_config(tmp_path, rounds=200)
     out = tmp_path / "runs"
-    proc = start(fit_args(config, out, "stopped"), tmp_path)
     ckpt = out / "stopped" / "checkpoints" / "last.ckpt"
-    try:
-        wait_for_round(ckpt, proc, at_least=1)
-        before = os.stat(ckpt).st_mtime_ns
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    proc, err, before = signal_run(fit_args(config, out, "stopped"), tmp_path, ckpt, 1, sig)
     assert proc.returncode == 128 + sig, err
     assert f"stopped by {signal.Signals(sig).name}" in err and "--resume true" in err
     state = load_checkpoint(ckpt)
