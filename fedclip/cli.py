@@ -66,16 +66,13 @@ def evaluate_parser() -> ArgumentParser:
         description="Evaluate every client of a saved run from its last checkpoint.",
         exit_on_error=False,
     )
-    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    add_run_arguments(parser)
     parser.add_subclass_arguments(
         DatasetSource,
         "dataset",
         required=False,
         help="also evaluate on this data set's test split (cross-dataset transfer, e.g. "
         "fedclip.data.ImageNetV2 after training on ImageNet); class_path + init_args",
-    )
-    parser.add_argument(
-        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
     )
     return parser
 
@@ -134,6 +131,23 @@ def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, 
     )
     fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
     return FitConfig(**fields), plain
+
+
+def read_run_config(run_dir: Path) -> tuple[FitConfig, dict[str, Any]]:
+    """The FitConfig (and its plain dump) saved in a run folder's config.yaml."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
+    parser = fit_parser()
+    return build_fit_config(parser, parser.parse_args(["--config", str(cfg_path)]))
+
+
+def add_run_arguments(parser: ArgumentParser) -> None:
+    """--run_dir and --checkpoint: the commands that read a finished run."""
+    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    parser.add_argument(
+        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
+    )
 
 
 def default_run_name(cfg: FitConfig) -> str:
@@ -261,12 +275,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     eval_parser = evaluate_parser()
     ns = eval_parser.parse_args(argv)
     run_dir = Path(ns.run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
-    parser = fit_parser()
-    fit_ns = parser.parse_args(["--config", str(cfg_path)])
-    cfg, plain = build_fit_config(parser, fit_ns)
+    cfg, plain = read_run_config(run_dir)
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
     metrics = fed.evaluation_metrics(fed.round)

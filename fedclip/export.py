@@ -24,7 +24,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from fedclip.checkpoint import CheckpointError, load_checkpoint
+from fedclip.checkpoint import CheckpointError, atomic_path, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +101,10 @@ def _flatten_learner(prefix: str, state: dict[str, Any]) -> tuple[dict[str, Tens
 
 def _read_run(run_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(FitConfig, plain config, saved config.yaml) of a run folder; builds no data/model."""
-    from fedclip.cli import build_fit_config, fit_parser
+    from fedclip.cli import read_run_config
 
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise _usage_error(f"{run_dir} is not a fedclip run folder (no config.yaml)")
-    parser = fit_parser()
-    cfg, plain = build_fit_config(parser, parser.parse_args(["--config", str(cfg_path)]))
-    saved = yaml.safe_load(cfg_path.read_text())
+    cfg, plain = read_run_config(run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     return cfg, plain, saved
 
 
@@ -138,17 +133,10 @@ def _section(saved: dict[str, Any], key: str) -> dict[str, Any]:
 def _save_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_prompts(
@@ -407,7 +395,9 @@ def export_parser() -> ArgumentParser:
         description="Write the learned prompts of a run as one .safetensors file for sharing.",
         exit_on_error=False,
     )
-    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    from fedclip.cli import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument(
         "--out",
         type=str | None,
@@ -419,9 +409,6 @@ def export_parser() -> ArgumentParser:
         type=str,
         default="all",
         help="personal state of which clients: 'all', 'none' or comma-separated ids (0,3)",
-    )
-    parser.add_argument(
-        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
     )
     return parser
 
