@@ -199,7 +199,7 @@ def write_results(fed, run_dir: Path) -> None:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from fedclip.federation import Federation, FederationError
+    from fedclip.federation import RESUMABLE_KEYS, Federation, FederationError
 
     check_config_files(argv)
     parser = fit_parser()
@@ -229,6 +229,9 @@ def cmd_fit(argv: list[str]) -> int:
             for k in sorted(set(plain) | set(saved))
             if k not in {"federation", "logger"}
             for d in _differences(saved.get(k), plain.get(k), k)
+            if not any(
+                d.startswith(f"{s}.{r} ") for s, keys in RESUMABLE_KEYS.items() for r in keys
+            )
         ]
         if changed:
             shown = "; ".join(changed[:3]) + (
@@ -238,24 +241,33 @@ def cmd_fit(argv: list[str]) -> int:
     fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
     if ns.resume:
         fed.load(ckpt)  # a corrupt or foreign checkpoint stops here, before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
-    from fedclip.report import write_partition
+    main_rank = fed.rank == 0  # with several ranks, rank 0 alone writes and reports
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+        from fedclip.report import write_partition
 
-    write_partition(fed.data.summary(), run_dir)
+        write_partition(fed.data.summary(), run_dir)
     resume_hint = f"fedclip fit --config {run_dir / 'config.yaml'} --resume true"
     try:
         fed.fit(resume=ns.resume)
     except KeyboardInterrupt:
-        print(f"aborted; the last checkpoint is {ckpt} (continue: {resume_hint})", file=sys.stderr)
+        if main_rank:
+            print(
+                f"aborted; the last checkpoint is {ckpt} (continue: {resume_hint})",
+                file=sys.stderr,
+            )
         return 130
     except FederationError as e:
-        print(
-            f"fedclip fit: stopped: {_one_line(str(e))}; the round so far is in {ckpt} "
-            f"(continue: {resume_hint}, e.g. with a higher federation.max_client_failures)",
-            file=sys.stderr,
-        )
+        if main_rank:
+            print(
+                f"fedclip fit: stopped: {_one_line(str(e))}; the round so far is in {ckpt} "
+                f"(continue: {resume_hint}, e.g. with a higher federation.max_client_failures)",
+                file=sys.stderr,
+            )
         return 1
+    if not main_rank:
+        return 128 + fed.stopped_by if fed.stopped_by is not None else 0
     write_results(fed, run_dir)
     if fed.stopped_by is not None:
         name = signal.Signals(fed.stopped_by).name
@@ -276,6 +288,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     ns = eval_parser.parse_args(argv)
     run_dir = Path(ns.run_dir)
     cfg, plain = read_run_config(run_dir)
+    cfg.fabric.devices = cfg.fabric.num_nodes = 1  # evaluation runs in this one process
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
     metrics = fed.evaluation_metrics(fed.round)

@@ -48,12 +48,16 @@ class FabricConfig:
 
     Args:
         accelerator: 'auto', 'cpu', 'cuda', 'mps'.
-        devices: devices of this process group (1: clients run one after another).
+        devices: devices per node, one process each; every round's sampled clients are
+            split among all ranks (devices x num_nodes) and the outcome is the same as on
+            one device. On 'cpu', N processes (gloo). 1: clients run one after another.
+        num_nodes: machines (launched by torchrun, SLURM or another cluster launcher).
         precision: '32-true', 'bf16-mixed' or '16-mixed'.
     """
 
     accelerator: str = "auto"
     devices: int = 1
+    num_nodes: int = 1
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "32"] = "32-true"
 
 

@@ -3,19 +3,29 @@
 One process simulates every client one after another on its device: sample clients,
 download, local epochs, upload, aggregate, evaluate, log, checkpoint. Everything random is
 drawn from generators seeded by the config's seed (client sampling state is checkpointed;
-shuffling is seeded by (seed, round, client)), so a resumed run reaches the same state as
-an uninterrupted one.
+each client's turn runs under its own RNG seeded by (seed, round, client)), so a resumed
+run reaches the same state as an uninterrupted one.
+
+Several devices or nodes (`fabric.devices`, `fabric.num_nodes`): every rank builds the same
+federation; each round's sampled clients are split among the ranks (balanced by training
+samples), each rank trains its share on its device, and the outcomes (uploads, metrics,
+failures, the trained clients' personal state) are exchanged with Fabric broadcasts, so
+every rank aggregates the same uploads in the same order and holds every client's state.
+Evaluation is split the same way. Only rank 0 logs and writes checkpoints. No module is
+wrapped in DDP: clients differ. The result equals the one-process run bit for bit.
 
 Reliability: a client whose local work raises or whose loss is not finite is rolled back
 and left out of the round's aggregation (logged with its id and reason); its upload, like
 every upload, is validated before aggregation. The run stops only when more clients fail
 in one round than `federation.max_client_failures` allows. SIGINT/SIGTERM stop the run at
-the next safe point, between two clients, after writing a checkpoint that holds the round
-so far; `--resume` continues it to the same final state.
+the next safe point, between two optimiser steps, after writing a checkpoint that holds the
+round so far (with several ranks: at the end of the round, agreed by all ranks); `--resume`
+continues it to the same final state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -72,6 +82,34 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
 
 
+def to_cpu(obj: Any) -> Any:
+    """Nested dicts/lists with every tensor moved to the CPU (what ranks exchange)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def assign_clients(clients: list[int], weights: dict[int, int], ranks: int) -> dict[int, int]:
+    """Owner rank of every client: heaviest first to the least loaded rank (ties: lowest
+    rank), so ranks finish a round at about the same time. Deterministic."""
+    load = [0] * ranks
+    owner = {}
+    for k in sorted(clients, key=lambda c: (-weights[c], c)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        owner[k] = r
+        load[r] += max(weights[k], 1)
+    return owner
+
+
+def turn_seed(seed: int, rnd: int, client: int) -> int:
+    """Seed of client `client`'s turn in round `rnd` (dropout, augmentation)."""
+    return int(np.random.SeedSequence([seed, rnd, client, 7]).generate_state(1)[0])
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside nested dicts/lists/Payloads."""
     if isinstance(obj, Tensor):
@@ -85,14 +123,22 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+# Keys that may change between a run and its resume: they do not change what is computed.
+RESUMABLE_KEYS = {
+    "federation": ("rounds", "eval_every", "max_client_failures"),
+    "fabric": ("devices", "num_nodes"),  # any number of ranks computes the same result
+}
+
+
 def config_fingerprint(config: dict[str, Any]) -> str:
     """Hash of what defines the computation (not where it is logged or how long it runs)."""
     volatile = {"output_dir", "run_name", "logger", "config", "resume", "__path__"}
     core = {k: v for k, v in config.items() if k not in volatile}
-    fed = dict(core.get("federation", {}))
-    for key in ("rounds", "eval_every", "max_client_failures"):
-        fed.pop(key, None)
-    core["federation"] = fed
+    for section, keys in RESUMABLE_KEYS.items():
+        part = dict(core.get(section) or {})
+        for key in keys:
+            part.pop(key, None)
+        core[section] = part
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -127,8 +173,11 @@ class Federation:
             raise ValueError(
                 f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
             )
-        if cfg.fabric.devices != 1:
-            raise ValueError("fabric.devices must be 1: clients are simulated on one device")
+        if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
+            raise ValueError(
+                f"fabric.devices and fabric.num_nodes must be >= 1, got {cfg.fabric.devices} "
+                f"and {cfg.fabric.num_nodes}"
+            )
         cfg.strategy.check_learner(cfg.learner)
         check_strategy(cfg.privacy, cfg.strategy)
 
@@ -137,16 +186,30 @@ class Federation:
             loggers.append(CSVLogger(root_dir=str(self.run_dir), name="", version="csv"))
             if cfg.logger.wandb:
                 loggers.append(self._wandb_logger())
+        ranks = cfg.fabric.devices * cfg.fabric.num_nodes
         self.fabric = Fabric(
             accelerator=cfg.fabric.accelerator,
             devices=cfg.fabric.devices,
+            num_nodes=cfg.fabric.num_nodes,
+            # several ranks: one process per device and collectives between them; the
+            # modules are never wrapped (clients differ), so plain DDP setup suffices
+            strategy="ddp" if ranks > 1 else "auto",
             precision=cfg.fabric.precision,
             loggers=loggers,
         )
+        if ranks > 1:
+            # starts the other local ranks (they run the same command) unless a launcher
+            # such as torchrun or SLURM already did
+            self.fabric.launch()
+        self.world_size = self.fabric.world_size
+        self.rank = self.fabric.global_rank
+        self.show_progress = show_progress and self.rank == 0
         self.fabric.seed_everything(cfg.seed, verbose=False)
 
-        self.data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
-        self.clip = load_backbone(cfg.backbone)
+        # rank 0 first: downloads and caches are made once, the other ranks then reuse them
+        with self._rank_zero_first():
+            self.data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+            self.clip = load_backbone(cfg.backbone)
         self.clip.to(self.fabric.device)
         self.classnames = self.data.classnames
         learner_cls = type(cfg.learner)
@@ -172,6 +235,11 @@ class Federation:
         self.stopped_by: int | None = None  # the signal that stopped the last fit(), if any
         self._stop: GracefulStop | None = None
         self.loaded = False  # state loaded from a checkpoint
+
+    def _rank_zero_first(self):
+        if self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.fabric.rank_zero_first(local=True)
 
     @property
     def metric(self) -> str:
@@ -307,22 +375,40 @@ class Federation:
         on its local classes, on its share of the base and of the novel test images."""
         ids = list(range(self.data.num_clients))
         payloads = self.strategy.configure_evaluate(rnd, ids)
-        out = {}
-        base = list(range(self.data.num_base))
-        novel = list(range(self.data.num_base, len(self.data.all_classnames)))
-        for k in ids:
+        for k in ids:  # on every rank, so that every rank keeps every client's state
             self.clients[k].receive(self.clients[k].wanted(payloads.get(k)))
-            if self.data.multilabel:
-                out[k] = self.predict_client(k)
-            elif self.data.cfg.base_to_novel:
-                out[k] = {
-                    "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
-                    "base": self.evaluate_client_on(k, "base", base),
-                    "novel": self.evaluate_client_on(k, "novel", novel),
-                }
-            else:
-                out[k] = self.evaluate_client(k)
-        return out
+        mine = ids
+        if self.world_size > 1:
+            weights = {k: len(self.data.test_parts[k]) for k in ids}
+            owner = assign_clients(ids, weights, self.world_size)
+            mine = [k for k in ids if owner[k] == self.rank]
+        out = {k: self.evaluate_one(k) for k in mine}
+        if self.world_size > 1:
+            out = self._gather(out)
+        return {k: out[k] for k in ids}
+
+    def evaluate_one(self, k: int) -> Any:
+        """Client k's evaluation with the state it holds: its accuracy; (logits, targets)
+        for multi-label data; under base-to-novel, (correct, total) on its local classes
+        and on its share of the base and of the novel test images."""
+        if self.data.multilabel:
+            return self.predict_client(k)
+        if self.data.cfg.base_to_novel:
+            base = list(range(self.data.num_base))
+            novel = list(range(self.data.num_base, len(self.data.all_classnames)))
+            return {
+                "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
+                "base": self.evaluate_client_on(k, "base", base),
+                "novel": self.evaluate_client_on(k, "novel", novel),
+            }
+        return self.evaluate_client(k)
+
+    def _gather(self, mine: dict[int, Any]) -> dict[int, Any]:
+        """Every rank's {client: value} merged, on every rank (one broadcast per rank)."""
+        merged: dict[int, Any] = {}
+        for src in range(self.world_size):
+            merged.update(self.fabric.broadcast(to_cpu(mine) if src == self.rank else None, src))
+        return merged
 
     def evaluate_transfer(self, name: str) -> dict[str, float]:
         """Accuracy of every client, with its evaluation payload, on its share of the
@@ -362,20 +448,51 @@ class Federation:
         return metrics
 
     def _stop_requested(self) -> bool:
-        return self._stop is not None and self._stop.requested is not None
+        # with several ranks a stop waits for the end of the round (all ranks agree then)
+        return self.world_size == 1 and self._stop is not None and self._stop.requested is not None
 
-    def _snapshot(self, k: int) -> tuple[dict[str, Any], Tensor]:
-        """Client k's personal state (a deep copy) and the RNG state, before its turn."""
-        return copy.deepcopy(self.clients[k].client_state()), torch.get_rng_state()
-
-    def _restore(self, k: int, snapshot: tuple[dict[str, Any], Tensor], rng: bool) -> None:
-        state, rng_state = snapshot
+    def _load_client(self, k: int, state: dict[str, Any]) -> None:
+        """Replace client k's personal state (learner, optimizers, schedulers)."""
         client = self.clients[k]
-        if not state["optimizers"]:
-            client.optimizer_pairs = None  # it had none: the next turn builds fresh ones
+        client.optimizer_pairs = None  # built anew for the state's trainable set
         client.load_client_state(state)
-        if rng:
-            torch.set_rng_state(rng_state)
+
+    @contextlib.contextmanager
+    def _client_rng(self, rnd: int, k: int):
+        """Client k's own RNG for its turn of round rnd: what it draws (dropout,
+        augmentation) depends neither on the clients before it nor on the rank it runs on."""
+        device = self.fabric.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(turn_seed(self.cfg.seed, rnd, k))
+            yield
+
+    def client_turn(
+        self, k: int, rnd: int, payload: Payload | None
+    ) -> tuple[dict[str, Any], BaseException | None]:
+        """Run client k's turn of round rnd: download, local training, checked upload.
+
+        Returns what it did (`down`/`up` bytes, `loss`, `metrics`, `released`, and `result`:
+        the upload with its sample count) and None, or, when its work failed, what it did
+        without the upload and the error: the client is then rolled back to its state before
+        the turn. A stop request rolls it back too and raises `_Stopped`.
+        """
+        snapshot = copy.deepcopy(self.clients[k].client_state())
+        out: dict[str, Any] = {"metrics": {}}
+        try:
+            with self._client_rng(rnd, k):
+                self._client_turn(k, rnd, payload, out)
+        except _Stopped:
+            self._load_client(k, snapshot)  # it runs again on resume
+            raise
+        except Exception as e:  # noqa: BLE001 (any client error drops the client)
+            self._load_client(k, snapshot)
+            if self._stop_requested():  # e.g. a data worker hit by the signal
+                raise _Stopped from e
+            out.pop("result", None)
+            out.pop("up", None)
+            out["loss"] = float("nan")
+            return out, e
+        return out, None
 
     def _client_turn(self, k: int, rnd: int, payload: Payload | None, out: dict) -> None:
         """Client k's part of round rnd: download, local training, checked upload. What it
@@ -420,20 +537,67 @@ class Federation:
         turn["losses"][k] = out.get("loss", float("nan"))
         turn["done"].append(k)
 
-    def _fail(self, k: int, rnd: int, error: BaseException, turn: dict) -> None:
-        reason = _reason(error)
-        log.warning("round %d: client %d failed and is left out: %s", rnd + 1, k, reason)
+    def _fail(self, k: int, rnd: int, reason: str, turn: dict) -> None:
+        if self.rank == 0:
+            log.warning("round %d: client %d failed and is left out: %s", rnd + 1, k, reason)
         turn["failures"].append({"round": rnd + 1, "client": k, "reason": reason})
+
+    def _check_failures(self, rnd: int, turn: dict) -> None:
+        """Raise FederationError when the round's failures exceed what the config allows."""
         failed, limit = len(turn["failures"]), self.cfg.federation.max_client_failures
         if (limit is not None and failed > limit) or (
-            limit is None and failed == len(turn["sampled"])
+            limit is None and failed and failed == len(turn["sampled"])
         ):
             allowed = (
                 "every sampled client failed"
                 if limit is None
                 else (f"{failed} clients failed, more than federation.max_client_failures={limit}")
             )
-            raise FederationError(f"round {rnd + 1}: {allowed}; last: client {k}, {reason}")
+            last = turn["failures"][-1]
+            raise FederationError(
+                f"round {rnd + 1}: {allowed}; last: client {last['client']}, {last['reason']}"
+            )
+
+    def _run_here(self, rnd: int, turn: dict, payloads: dict, progress: Progress) -> None:
+        """The round's clients, one after another in this process."""
+        for k in turn["sampled"]:
+            if k not in turn["done"]:
+                if self._stop_requested():
+                    raise _Stopped
+                out, error = self.client_turn(k, rnd, payloads.get(k))
+                self._commit(k, out, turn)
+                if error is not None:
+                    self._fail(k, rnd, _reason(error), turn)
+                    self._check_failures(rnd, turn)
+            progress.client_done(k)
+
+    def _run_distributed(self, rnd: int, turn: dict, payloads: dict, progress: Progress) -> None:
+        """The round's clients split among the ranks; every rank ends with every outcome
+        and every trained client's personal state."""
+        todo = [k for k in turn["sampled"] if k not in turn["done"]]
+        weights = {k: self.data.num_train(k) for k in todo}
+        owner = assign_clients(todo, weights, self.world_size)
+        mine: dict[int, dict[str, Any]] = {}
+        for k in todo:
+            if owner[k] == self.rank:
+                out, error = self.client_turn(k, rnd, payloads.get(k))
+                if error is not None:
+                    out["error"] = _reason(error)
+                else:  # what it downloaded and learnt, for the other ranks' copies
+                    out["client_state"] = self.clients[k].client_state()
+                mine[k] = out
+        outcomes = self._gather(mine)
+        for k in todo:  # in sampling order on every rank: identical round records
+            out = outcomes[k]
+            state = out.pop("client_state", None)
+            if state is not None and owner[k] != self.rank:
+                self._load_client(k, state)
+            error = out.pop("error", None)
+            self._commit(k, out, turn)
+            if error is not None:
+                self._fail(k, rnd, error, turn)
+            progress.client_done(k)
+        self._check_failures(rnd, turn)
 
     def run_round(self, rnd: int, progress: Progress) -> dict[str, float]:
         """One round; resumes the checkpointed part of round rnd when there is one."""
@@ -450,31 +614,10 @@ class Federation:
         payloads = self.strategy.configure_round(rnd, sampled)
         progress.start_clients(rnd, len(sampled))
         try:
-            for k in sampled:
-                if k not in turn["done"]:
-                    if self._stop_requested():
-                        raise _Stopped
-                    snapshot = self._snapshot(k)
-                    out: dict[str, Any] = {"metrics": {}}
-                    try:
-                        self._client_turn(k, rnd, payloads.get(k), out)
-                    except _Stopped:
-                        self._restore(k, snapshot, rng=True)  # it runs again on resume
-                        raise
-                    except Exception as e:  # noqa: BLE001 (any client error drops the client)
-                        if self._stop_requested():  # e.g. a data worker hit by the signal
-                            self._restore(k, snapshot, rng=True)
-                            raise _Stopped from e
-                        self._restore(k, snapshot, rng=False)
-                        out.pop("result", None)
-                        out.pop("up", None)
-                        out["loss"] = float("nan")
-                        self._commit(k, out, turn)
-                        progress.client_done(k)
-                        self._fail(k, rnd, e, turn)
-                        continue
-                    self._commit(k, out, turn)
-                progress.client_done(k)
+            if self.world_size == 1:
+                self._run_here(rnd, turn, payloads, progress)
+            else:
+                self._run_distributed(rnd, turn, payloads, progress)
         finally:
             turn["elapsed"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -544,6 +687,7 @@ class Federation:
                         metrics = self.run_round(rnd, progress)
                     except (_Stopped, FederationError):
                         self._save_if_run_dir()  # the round so far: resume goes on from here
+                        self.stopped_by = stop.requested
                         if stop.requested is None:
                             raise
                         break
@@ -553,16 +697,23 @@ class Federation:
                     self._flush_loggers()
                     progress.round_done(metrics)
                     self._save_if_run_dir()
-                    if stop.requested is not None:
+                    self.stopped_by = self._agreed_stop(stop)
+                    if self.stopped_by is not None:
                         break
             finally:
                 self._stop = None
-                self.stopped_by = stop.requested
         self._flush_loggers()
         return self.history
 
+    def _agreed_stop(self, stop: GracefulStop) -> int | None:
+        """The stop signal, if any rank received one (all ranks then stop together)."""
+        if self.world_size == 1:
+            return stop.requested
+        flag = torch.tensor(stop.requested or 0, device=self.fabric.device)
+        return int(self.fabric.all_reduce(flag, reduce_op="max")) or None
+
     def _save_if_run_dir(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.rank == 0:
             self.save(self.checkpoint_path)
 
     def _flush_loggers(self) -> None:

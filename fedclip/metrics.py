@@ -10,8 +10,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 def client_metric(num_classes: int) -> MulticlassAccuracy:
     """Top-1 accuracy over a client's test samples (micro average). A single candidate
-    class (a client holding one class) is allowed: every prediction is then right."""
-    return MulticlassAccuracy(num_classes=num_classes if num_classes > 1 else None, average="micro")
+    class (a client holding one class) is allowed: every prediction is then right.
+
+    Never synchronised across ranks: each rank evaluates different clients."""
+    return MulticlassAccuracy(
+        num_classes=num_classes if num_classes > 1 else None,
+        average="micro",
+        sync_on_compute=False,
+    )
 
 
 def summarize(
