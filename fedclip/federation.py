@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
+from lightning.fabric.utilities.seed import seed_everything
 from torch import Tensor
 
 from fedclip.backbone import load_backbone
@@ -186,6 +187,11 @@ class Federation:
             loggers.append(CSVLogger(root_dir=str(self.run_dir), name="", version="csv"))
             if cfg.logger.wandb:
                 loggers.append(self._wandb_logger())
+        # data and backbone first, in the launching process: bad input fails here with one
+        # line, and downloads and caches are made once before the other ranks start
+        seed_everything(cfg.seed, verbose=False)
+        self.data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+        self.clip = load_backbone(cfg.backbone)
         ranks = cfg.fabric.devices * cfg.fabric.num_nodes
         self.fabric = Fabric(
             accelerator=cfg.fabric.accelerator,
@@ -204,12 +210,6 @@ class Federation:
         self.world_size = self.fabric.world_size
         self.rank = self.fabric.global_rank
         self.show_progress = show_progress and self.rank == 0
-        self.fabric.seed_everything(cfg.seed, verbose=False)
-
-        # rank 0 first: downloads and caches are made once, the other ranks then reuse them
-        with self._rank_zero_first():
-            self.data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
-            self.clip = load_backbone(cfg.backbone)
         self.clip.to(self.fabric.device)
         self.classnames = self.data.classnames
         learner_cls = type(cfg.learner)
@@ -235,11 +235,6 @@ class Federation:
         self.stopped_by: int | None = None  # the signal that stopped the last fit(), if any
         self._stop: GracefulStop | None = None
         self.loaded = False  # state loaded from a checkpoint
-
-    def _rank_zero_first(self):
-        if self.world_size == 1:
-            return contextlib.nullcontext()
-        return self.fabric.rank_zero_first(local=True)
 
     @property
     def metric(self) -> str:

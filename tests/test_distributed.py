@@ -1,0 +1,194 @@
+"""Federations on several Fabric ranks: 2 CPU processes (gloo) against 1 process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedclip.checkpoint import load_checkpoint
+from fedclip.cli import main
+from fedclip.federation import assign_clients, config_fingerprint
+
+from .test_reliability import assert_same_state, fit_args, wait_for_round
+
+TINY = """
+seed: 5
+backbone: {model: fedclip-tiny-vit}
+learner: LEARNER
+strategy: STRATEGY
+data:
+  dataset:
+    class_path: fedclip.data.Shapes
+    init_args: {num_classes: 4, train_per_class: 12, test_per_class: 6, image_size: 32}
+  partitioner:
+    class_path: fedclip.data.Dirichlet
+    init_args: {alpha: 0.5, min_size: 4}
+  num_clients: 5
+  batch_size: 8
+federation: {rounds: 2, fraction: 0.8}
+fabric: {accelerator: cpu, devices: 2}
+"""
+PROMPTFL = (
+    "{class_path: fedclip.learners.TextualPrompt, init_args: {n_ctx: 4}}",
+    "{class_path: fedclip.strategies.FedAvg}",
+)
+PFEDMOAP = (
+    "{class_path: fedclip.learners.MixtureOfPrompts, "
+    "init_args: {n_ctx: 4, d_gating: 32, gating_heads: 4}}",
+    "{class_path: fedclip.strategies.PFedMoAP, init_args: {num_experts: 2}}",
+)
+
+
+def write_config(tmp_path: Path, method: tuple[str, str]) -> Path:
+    path = tmp_path / "tiny.yaml"
+    learner, strategy = method
+    path.write_text(TINY.replace("LEARNER", learner).replace("STRATEGY", strategy))
+    return path
+
+
+def one_thread_env() -> dict[str, str]:
+    # torch's CPU results depend on the intra-op thread count; Lightning gives each of N
+    # CPU processes cores/N threads, so both sides run with one
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_two_ranks(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedclip.cli", *args],
+        cwd=cwd,
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_one_rank(args: list[str], capsys) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--fabric.devices=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        capsys.readouterr()
+
+
+def ckpt(out: Path, name: str) -> dict:
+    return load_checkpoint(out / name / "checkpoints" / "last.ckpt")
+
+
+def test_assign_clients_balances_by_samples_and_is_deterministic():
+    weights = {0: 50, 1: 10, 2: 40, 3: 30, 4: 20, 5: 0}
+    owner = assign_clients(list(weights), weights, 2)
+    assert set(owner) == set(weights) and set(owner.values()) == {0, 1}
+    load = [sum(max(weights[k], 1) for k in owner if owner[k] == r) for r in (0, 1)]
+    assert abs(load[0] - load[1]) <= 10  # LPT: 50+20+0 | 40+30+10 → 71 | 80
+    assert owner == assign_clients(list(reversed(list(weights))), weights, 2)
+    assert set(assign_clients([3], weights, 4).values()) == {0}
+    # more ranks than clients: some ranks simply idle
+    assert sorted(assign_clients([0, 1], weights, 4).values()) == [0, 1]
+
+
+def test_fingerprint_ignores_the_number_of_ranks():
+    a = {"seed": 1, "fabric": {"devices": 1, "num_nodes": 1, "precision": "32-true"}}
+    b = {"seed": 1, "fabric": {"devices": 4, "num_nodes": 2, "precision": "32-true"}}
+    c = {"seed": 1, "fabric": {"devices": 4, "num_nodes": 2, "precision": "bf16-mixed"}}
+    assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
+
+
+def test_two_processes_reach_the_one_process_state_promptfl(tmp_path, capsys):
+    """PromptFL, 5 clients with 4 sampled per round, Dirichlet sizes: 2 gloo ranks end
+    bitwise where one process does (global state, every client's prompt and optimizer,
+    history); rank 0 alone writes and reports."""
+    config = write_config(tmp_path, PROMPTFL)
+    out = tmp_path / "runs"
+    done = run_two_ranks(fit_args(config, out, "two"), tmp_path)
+    run_one_rank(fit_args(config, out, "one"), capsys)
+    assert_same_state(ckpt(out, "two"), ckpt(out, "one"))
+    assert done.stdout.count("run folder:") == 1  # one table, from rank 0
+    rows = (out / "two" / "csv" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header, round 0 (eval at start), rounds 1-2: logged once
+    saved = (out / "two" / "config.yaml").read_text()
+    assert "devices: 2" in saved
+
+
+def test_two_processes_reach_the_one_process_state_pfedmoap_and_resume_on_one(tmp_path, capsys):
+    """pFedMoAP (the server's expert pool needs every client's upload; every client keeps a
+    personal gate): 2 ranks for 2 rounds equal 1 process; the 2-rank run then resumes on one
+    process for a third round and still equals an uninterrupted 3-round run."""
+    config = write_config(tmp_path, PFEDMOAP)
+    out = tmp_path / "runs"
+    run_two_ranks(fit_args(config, out, "two"), tmp_path)
+    run_one_rank(fit_args(config, out, "one"), capsys)
+    two, one = ckpt(out, "two"), ckpt(out, "one")
+    assert_same_state(two, one)
+    for a, b in zip(two["clients"], one["clients"], strict=True):  # downloaded experts
+        ea, eb = a["learner"]["_extra_state"], b["learner"]["_extra_state"]
+        assert torch.equal(ea["expert_ids"], eb["expert_ids"])
+        assert torch.equal(ea["expert_ctx"], eb["expert_ctx"])
+    assert any(c["learner"]["_extra_state"]["expert_ctx"].numel() for c in two["clients"])
+    for name in ("two", "one"):
+        run_one_rank(
+            [*fit_args(config, out, name), "--resume=true", "--federation.rounds=3"], capsys
+        )
+    assert ckpt(out, "two")["round"] == 3
+    assert_same_state(ckpt(out, "two"), ckpt(out, "one"))
+
+
+def test_a_stop_signal_to_rank_0_stops_every_rank_at_the_round_end(tmp_path):
+    config = write_config(tmp_path, PROMPTFL)
+    out = tmp_path / "runs"
+    args = fit_args(config, out, "stopped", "--federation.rounds=500", "--federation.eval_every=50")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedclip.cli", *args],
+        cwd=tmp_path,
+        env=one_thread_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    path = out / "stopped" / "checkpoints" / "last.ckpt"
+    try:
+        wait_for_round(path, proc, 1, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    state = load_checkpoint(path)
+    assert 1 <= state["round"] < 500 and state["partial"] is None  # stopped at a round end
+    end = time.monotonic() + 30  # the other rank ends as well
+    while time.monotonic() < end and _processes_running("stopped"):
+        time.sleep(0.2)
+    assert not _processes_running("stopped")
+
+
+def _processes_running(run_name: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"--run_name={run_name}".encode() in cmd and b"fedclip.cli" in cmd:
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("devices", [0, -1])
+def test_bad_device_counts_are_refused(tmp_path, capsys, devices):
+    config = write_config(tmp_path, PROMPTFL)
+    code = main([*fit_args(config, tmp_path / "runs", "bad"), f"--fabric.devices={devices}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fabric.devices" in err[0]
