@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +17,10 @@ import torch
 
 from fedclip.checkpoint import load_checkpoint
 from fedclip.cli import main
-from fedclip.federation import assign_clients, config_fingerprint
+from fedclip.federation import Federation, FederationError, assign_clients, config_fingerprint
+from fedclip.progress import Progress
 
+from .conftest import small_config
 from .test_reliability import assert_same_state, fit_args, wait_for_round
 
 TINY = """
@@ -192,3 +197,108 @@ def test_bad_device_counts_are_refused(tmp_path, capsys, devices):
     code = main([*fit_args(config, tmp_path / "runs", "bad"), f"--fabric.devices={devices}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "fabric.devices" in err[0]
+
+
+# ---- the rank logic in one process: two ranks as threads with an in-memory broadcast ----------
+class ThreadGroup:
+    """`fabric.broadcast` for ranks that are threads of this process."""
+
+    def __init__(self, ranks: int) -> None:
+        self.barrier = threading.Barrier(ranks, timeout=120)
+        self.slot = None
+
+    def broadcast_for(self, rank: int):
+        def broadcast(obj, src=0):
+            if rank == src:
+                self.slot = copy.deepcopy(obj)  # what the wire would carry
+            self.barrier.wait()
+            got = copy.deepcopy(self.slot)
+            self.barrier.wait()
+            return got
+
+        return broadcast
+
+
+def run_as_ranks(make, ranks: int, rounds: int) -> tuple[list, list]:
+    """Build `ranks` federations with `make()` and run `rounds` rounds with each as one rank.
+    Returns the federations and each one's exception (or None)."""
+    feds = [make() for _ in range(ranks)]
+    group = ThreadGroup(ranks)
+    errors: list = [None] * ranks
+    for r, fed in enumerate(feds):
+        fed.world_size, fed.rank = ranks, r
+        fed.fabric.broadcast = group.broadcast_for(r)
+
+    def work(r: int) -> None:
+        try:
+            with Progress(rounds, enabled=False) as progress:
+                for rnd in range(rounds):
+                    feds[r].history.append(feds[r].run_round(rnd, progress))
+        except Exception as e:  # noqa: BLE001 (compared by the test)
+            errors[r] = e
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return feds, errors
+
+
+def _fails_in_round_1(fed, k: int) -> None:
+    real = fed.clients[k].learner.training_loss
+
+    def loss(batch):
+        if not fed.history:  # the first round
+            raise RuntimeError("sensor unplugged")
+        return real(batch)
+
+    fed.clients[k].learner.training_loss = loss
+
+
+def _strip(history) -> str:
+    """The history without wall times, as text (NaN equals NaN there)."""
+    rows = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in history]
+    return json.dumps(rows, sort_keys=True)
+
+
+def test_failed_clients_on_other_ranks_are_left_out_everywhere_as_on_one_rank():
+    def make():
+        cfg = small_config(num_clients=5, rounds=2, fraction=0.8)
+        fed = Federation(cfg, None, {}, show_progress=False)
+        _fails_in_round_1(fed, 3)
+        return fed
+
+    one = make()
+    with Progress(2, enabled=False) as progress:
+        for rnd in range(2):
+            one.history.append(one.run_round(rnd, progress))
+    feds, errors = run_as_ranks(make, 3, 2)
+    assert errors == [None] * 3
+    for fed in feds:
+        assert _strip(fed.history) == _strip(one.history)
+        assert fed.failures == one.failures and [f["client"] for f in one.failures] == [3]
+        for key, t in one.strategy.global_state.items():
+            assert torch.equal(fed.strategy.global_state[key], t), key
+        for a, b in zip(fed.clients, one.clients, strict=True):
+            for key, t in b.learner.state_dict().items():
+                assert torch.equal(a.learner.state_dict()[key], t), key
+    assert one.history[0]["train/failed_clients"] == 1.0
+
+
+def test_too_many_failures_raise_on_every_rank_with_the_same_message():
+    def make():
+        cfg = small_config(num_clients=4, rounds=1)
+        cfg.federation.max_client_failures = 1
+        fed = Federation(cfg, None, {}, show_progress=False)
+        for k in (0, 2):
+            _fails_in_round_1(fed, k)
+        return fed
+
+    feds, errors = run_as_ranks(make, 2, 1)
+    assert all(isinstance(e, FederationError) for e in errors), errors
+    assert str(errors[0]) == str(errors[1])
+    assert "2 clients failed, more than federation.max_client_failures=1" in str(errors[0])
+    partial = feds[0].partial
+    assert partial["done"] == [0, 1, 2, 3] and [f["client"] for f in partial["failures"]] == [0, 2]
