@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedclip.checkpoint import load_checkpoint
-from fedclip.cli import main
+from fedclip.cli import build_fit_config, fit_parser, main
 from fedclip.federation import Federation, FederationError, assign_clients, config_fingerprint
 from fedclip.progress import Progress
 
@@ -110,20 +110,51 @@ def test_fingerprint_ignores_the_number_of_ranks():
     assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
 
 
-def test_two_processes_reach_the_one_process_state_promptfl(tmp_path, capsys):
-    """PromptFL, 5 clients with 4 sampled per round, Dirichlet sizes: 2 gloo ranks end
-    bitwise where one process does (global state, every client's prompt and optimizer,
-    history); rank 0 alone writes and reports."""
+def test_two_processes_equal_one_and_a_signal_to_rank_0_stops_both_promptfl(tmp_path):
+    """PromptFL, 5 clients with 4 sampled per round, Dirichlet sizes, on 2 gloo ranks:
+    SIGTERM to rank 0 stops both ranks at the end of a round, with one checkpoint; that
+    checkpoint equals one process's after as many rounds, bitwise (global state, every
+    client's prompt and optimizer state, history)."""
     config = write_config(tmp_path, PROMPTFL)
     out = tmp_path / "runs"
-    done = run_two_ranks(fit_args(config, out, "two"), tmp_path)
-    run_one_rank(fit_args(config, out, "one"), capsys)
-    assert_same_state(ckpt(out, "two"), ckpt(out, "one"))
-    assert done.stdout.count("run folder:") == 1  # one table, from rank 0
+    args = fit_args(config, out, "two", "--federation.rounds=300")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedclip.cli", *args],
+        cwd=tmp_path,
+        env=one_thread_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    path = out / "two" / "checkpoints" / "last.ckpt"
+    try:
+        wait_for_round(path, proc, 2, timeout=180)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.count("stopped by SIGTERM") == 1  # reported by rank 0 alone
+    two = load_checkpoint(path)
+    assert 2 <= two["round"] < 300 and two["partial"] is None  # stopped at a round end
+    end = time.monotonic() + 30  # the other rank ends as well
+    while time.monotonic() < end and _processes_running("two"):
+        time.sleep(0.2)
+    assert not _processes_running("two")
     rows = (out / "two" / "csv" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3  # header, round 0 (eval at start), rounds 1-2: logged once
-    saved = (out / "two" / "config.yaml").read_text()
-    assert "devices: 2" in saved
+    assert len(rows) == 1 + 1 + two["round"]  # header, round 0 (eval at start): logged once
+    assert "devices: 2" in (out / "two" / "config.yaml").read_text()
+
+    parser = fit_parser()
+    cfg, plain = build_fit_config(parser, parser.parse_args(args[1:] + ["--fabric.devices=1"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = Federation(cfg, tmp_path / "one", plain, show_progress=False)
+        one.fit(stop_after=two["round"])
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_state(two, load_checkpoint(one.checkpoint_path))
 
 
 def test_two_processes_reach_the_one_process_state_pfedmoap_and_resume_on_one(tmp_path, capsys):
@@ -147,35 +178,6 @@ def test_two_processes_reach_the_one_process_state_pfedmoap_and_resume_on_one(tm
         )
     assert ckpt(out, "two")["round"] == 3
     assert_same_state(ckpt(out, "two"), ckpt(out, "one"))
-
-
-def test_a_stop_signal_to_rank_0_stops_every_rank_at_the_round_end(tmp_path):
-    config = write_config(tmp_path, PROMPTFL)
-    out = tmp_path / "runs"
-    args = fit_args(config, out, "stopped", "--federation.rounds=500", "--federation.eval_every=50")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedclip.cli", *args],
-        cwd=tmp_path,
-        env=one_thread_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    path = out / "stopped" / "checkpoints" / "last.ckpt"
-    try:
-        wait_for_round(path, proc, 1, timeout=180)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "stopped by SIGTERM" in err
-    state = load_checkpoint(path)
-    assert 1 <= state["round"] < 500 and state["partial"] is None  # stopped at a round end
-    end = time.monotonic() + 30  # the other rank ends as well
-    while time.monotonic() < end and _processes_running("stopped"):
-        time.sleep(0.2)
-    assert not _processes_running("stopped")
 
 
 def _processes_running(run_name: str) -> list[int]:
