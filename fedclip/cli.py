@@ -26,6 +26,12 @@ from fedclip.checkpoint import atomic_path, write_text_atomic
 from fedclip.config import FitConfig
 from fedclip.data.datasets import DatasetSource
 from fedclip.export import cmd_export
+from fedclip.sweeps import (
+    configure_sweep_run,
+    continue_sweep_run,
+    requeue_if_preempted,
+    strip_agent_arguments,
+)
 
 DEFAULTS = {
     "learner": {"class_path": "fedclip.learners.TextualPrompt"},
@@ -205,7 +211,8 @@ def cmd_fit(argv: list[str]) -> int:
     parser = fit_parser()
     ns = parser.parse_args(argv)
     cfg, plain = build_fit_config(parser, ns)
-    run_name = cfg.run_name or default_run_name(cfg)
+    # under a W&B sweep: W&B logging on, and a run folder named after the agent's run id
+    run_name = configure_sweep_run(cfg, plain) or cfg.run_name or default_run_name(cfg)
     check_run_name(run_name)
     run_dir = Path(cfg.output_dir) / run_name
     for folder in (Path(cfg.output_dir), run_dir, run_dir / "checkpoints"):
@@ -215,6 +222,8 @@ def cmd_fit(argv: list[str]) -> int:
             )
     plain["run_name"] = run_name
     ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if continue_sweep_run(ckpt):
+        ns.resume = True  # a requeued sweep run goes on from its own checkpoint
     if ns.resume and not ckpt.is_file():
         raise UsageError(f"--resume: no checkpoint at {ckpt}")
     if not ns.resume and ckpt.is_file():
@@ -275,6 +284,8 @@ def cmd_fit(argv: list[str]) -> int:
             f"stopped by {name} after a checkpoint: {ckpt} (continue: {resume_hint})",
             file=sys.stderr,
         )
+        if requeue_if_preempted(fed.stopped_by):
+            print("W&B sweep: run marked preempting; the sweep requeues it", file=sys.stderr)
         return 128 + fed.stopped_by
     print_table(fed, f"{run_name}: round {fed.round}")
     print(f"run folder: {run_dir}")
@@ -354,6 +365,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_agent_arguments(argv)  # e.g. the `--_wandb=...` of a requeued sweep run
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
     usage = (

@@ -58,7 +58,8 @@ from fedclip.metrics import (
 )
 from fedclip.privacy import DifferentialPrivacy, check_strategy, update_norm
 from fedclip.progress import Progress
-from fedclip.strategies.base import ClientResult, Payload
+from fedclip.strategies.base import ClientResult, Payload, Strategy
+from fedclip.sweeps import wandb_logger_kwargs
 
 log = logging.getLogger(__name__)
 # On resume the CSV logger starts its file anew and the checkpointed history is replayed
@@ -78,7 +79,8 @@ class _Stopped(Exception):
     """A stop request (SIGINT/SIGTERM) interrupted the round."""
 
 
-def _reason(error: BaseException) -> str:
+def failure_reason(error: BaseException) -> str:
+    """One line naming a client's failure: 'ExceptionType: message' (at most 300 chars)."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}"[:300] if text else type(error).__name__
 
@@ -143,6 +145,183 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_config(cfg: FitConfig) -> None:
+    """Raise ValueError for a config no federation can run (checked before anything loads)."""
+    fed = cfg.federation
+    if fed.rounds < 1:
+        raise ValueError(f"federation.rounds must be >= 1, got {fed.rounds}")
+    if not 0.0 < fed.fraction <= 1.0:
+        raise ValueError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
+    if fed.local_epochs < 1:
+        raise ValueError(f"federation.local_epochs must be >= 1, got {fed.local_epochs}")
+    if fed.eval_every < 1:
+        raise ValueError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
+    if fed.max_client_failures is not None and fed.max_client_failures < 0:
+        raise ValueError(
+            f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
+        )
+    if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
+        raise ValueError(
+            f"fabric.devices and fabric.num_nodes must be >= 1, got {cfg.fabric.devices} "
+            f"and {cfg.fabric.num_nodes}"
+        )
+    cfg.strategy.check_learner(cfg.learner)
+    check_strategy(cfg.privacy, cfg.strategy)
+
+
+# ---- one round's bookkeeping, shared with the Flower server (fedclip.flower.server) ------------
+def sample_clients(sampler: torch.Generator, num_clients: int, fraction: float) -> list[int]:
+    """The round's clients: max(1, round(fraction * num_clients)) of them, drawn from
+    `sampler` (advanced), sorted."""
+    m = max(1, round(fraction * num_clients))
+    return sorted(torch.randperm(num_clients, generator=sampler)[:m].tolist())
+
+
+def new_turn(rnd: int, sampled: list[int]) -> dict[str, Any]:
+    """The empty record of round `rnd` that client outcomes are committed to."""
+    return {
+        "round": rnd, "sampled": sampled, "done": [], "results": {}, "losses": {},
+        "failures": [], "metrics": {}, "released": [], "down": 0, "up": 0, "elapsed": 0.0,
+    }  # fmt: skip
+
+
+def commit_outcome(k: int, out: dict[str, Any], turn: dict[str, Any]) -> None:
+    """Record client k's turn `out` (see `Federation.client_turn`) in the round record."""
+    turn["down"] += out.get("down", 0)
+    turn["up"] += out.get("up", 0)
+    turn["metrics"].update(out["metrics"])
+    if out.get("released"):
+        turn["released"].append(k)
+    if "result" in out:
+        turn["results"][k] = out["result"]
+    turn["losses"][k] = out.get("loss", float("nan"))
+    turn["done"].append(k)
+
+
+def check_failures(rnd: int, turn: dict[str, Any], limit: int | None) -> None:
+    """Raise FederationError when the round's failures exceed `limit`
+    (federation.max_client_failures; None: when every sampled client failed)."""
+    failed = len(turn["failures"])
+    if (limit is not None and failed > limit) or (
+        limit is None and failed and failed == len(turn["sampled"])
+    ):
+        allowed = (
+            "every sampled client failed"
+            if limit is None
+            else (f"{failed} clients failed, more than federation.max_client_failures={limit}")
+        )
+        last = turn["failures"][-1]
+        raise FederationError(
+            f"round {rnd + 1}: {allowed}; last: client {last['client']}, {last['reason']}"
+        )
+
+
+def finish_round(
+    strategy: Strategy, privacy: DifferentialPrivacy, rnd: int, turn: dict[str, Any]
+) -> dict[str, float]:
+    """Aggregate the round's uploads (in client order), add central DP noise, account the
+    privacy spent, and return the round's metrics before evaluation: `round`, `privacy/*`,
+    `train/*`, `client/K/*`, `server/*` and `traffic/*`. Updates `strategy` and `privacy`."""
+    results = {
+        k: ClientResult(k, r["state"], r["num_samples"], r["metrics"])
+        for k, r in sorted(turn["results"].items())
+    }
+    _, agg_metrics = strategy.aggregate(rnd, results)
+    metrics: dict[str, float] = {"round": float(rnd + 1)}
+    if privacy.enabled:
+        if results and privacy.cfg.mode == "central":
+            keys = sorted({n for r in results.values() for n in r.state})
+            strategy.global_state = privacy.noise_aggregate(
+                strategy.global_state, keys, len(results), rnd
+            )
+        # every client whose private upload left it counts, accepted or not
+        metrics.update(privacy.account(rnd, sorted(turn["released"]), len(turn["sampled"])))
+    losses = turn["losses"]
+    finite = [v for v in losses.values() if not math.isnan(v)]
+    metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
+    metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
+    metrics.update(turn["metrics"])
+    metrics.update({f"server/{k}": v for k, v in agg_metrics.items()})
+    metrics["train/failed_clients"] = float(len(turn["failures"]))
+    metrics.update({f"client/{f['client']}/failed": 1.0 for f in turn["failures"]})
+    metrics["traffic/down_bytes"] = float(turn["down"])
+    metrics["traffic/up_bytes"] = float(turn["up"])
+    metrics["traffic/sampled_clients"] = float(len(turn["sampled"]))
+    return metrics
+
+
+def eval_metrics(
+    result: dict[int, Any],
+    multilabel: bool,
+    base_to_novel: bool,
+    test_counts: dict[int, int],
+    classnames: list[str],
+) -> dict[str, float]:
+    """The logged evaluation metrics of {client: `Federation.evaluate_one` result}.
+
+    test_counts: each client's test-sample count (weights of `eval/acc_weighted`);
+    classnames: every class's name (multi-label per-class AP)."""
+    if multilabel:
+        return multilabel_metrics(result, classnames)
+    if base_to_novel:
+        return base_to_novel_metrics(result)
+    s = summarize(result, {k: test_counts[k] for k in result})
+    metrics = {f"eval/acc_{name}": v for name, v in s.items()}
+    metrics.update({f"client/{k}/acc": v for k, v in result.items()})
+    return metrics
+
+
+def run_summary(
+    cfg: FitConfig,
+    data_summary: dict[str, Any],
+    history: list[dict[str, float]],
+    last_eval: dict[int, float],
+    experts: dict[int, list[int]],
+    rounds_completed: int,
+    failures: list[dict[str, Any]],
+    privacy: DifferentialPrivacy,
+    metric: str,
+) -> dict[str, Any]:
+    """A run's summary.json: per-client partition counts with their last evaluation (and,
+    for pFedMoAP, the `experts` each client holds), final metrics, traffic and config.
+
+    data_summary: `FederatedData.summary()`; last_eval: each client's headline metric."""
+    part = copy.deepcopy(data_summary)
+    for row in part["clients"]:
+        row[metric] = last_eval.get(row["client"], float("nan"))
+        if row["client"] in experts:
+            row["experts"] = list(experts[row["client"]])
+    final = history[-1] if history else {}
+    total_up = sum(r.get("traffic/up_bytes", 0.0) for r in history)
+    total_down = sum(r.get("traffic/down_bytes", 0.0) for r in history)
+    source = cfg.data.dataset
+    return {
+        "rounds_completed": rounds_completed,
+        "clients": part["clients"],
+        "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
+        "per_class_ap": {
+            k[len("class/") : -len("/ap")]: v
+            for k, v in final.items()
+            if k.startswith("class/") and k.endswith("/ap")
+        },
+        "traffic": {"up_bytes": total_up, "down_bytes": total_down},
+        "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
+        "config": {
+            "learner": type(cfg.learner).__name__,
+            "strategy": type(cfg.strategy).__name__,
+            "dataset": getattr(source, "name", type(source).__name__),
+            "backbone": cfg.backbone.model,
+        },
+        "optim": asdict(cfg.optim),
+        "metric": metric,
+        "failures": failures,
+        "privacy": {
+            **asdict(privacy.cfg),
+            "epsilon": final.get("privacy/epsilon") if privacy.enabled else None,
+        },
+    }
+
+
 class Federation:
     """Builds the backbone, data, clients and strategy of a `FitConfig`, then runs rounds.
 
@@ -161,26 +340,7 @@ class Federation:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.fingerprint = config_fingerprint(config_dict or {})
         self.show_progress = show_progress
-        fed = cfg.federation
-        if fed.rounds < 1:
-            raise ValueError(f"federation.rounds must be >= 1, got {fed.rounds}")
-        if not 0.0 < fed.fraction <= 1.0:
-            raise ValueError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
-        if fed.local_epochs < 1:
-            raise ValueError(f"federation.local_epochs must be >= 1, got {fed.local_epochs}")
-        if fed.eval_every < 1:
-            raise ValueError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
-        if fed.max_client_failures is not None and fed.max_client_failures < 0:
-            raise ValueError(
-                f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
-            )
-        if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
-            raise ValueError(
-                f"fabric.devices and fabric.num_nodes must be >= 1, got {cfg.fabric.devices} "
-                f"and {cfg.fabric.num_nodes}"
-            )
-        cfg.strategy.check_learner(cfg.learner)
-        check_strategy(cfg.privacy, cfg.strategy)
+        check_config(cfg)
 
         loggers = []
         if self.run_dir is not None:
@@ -261,22 +421,12 @@ class Federation:
     def _wandb_logger(self):
         from lightning.pytorch.loggers import WandbLogger
 
-        run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
-        return WandbLogger(
-            project=self.cfg.logger.project,
-            entity=self.cfg.logger.entity,
-            name=self.run_dir.name,
-            id=run_id,
-            resume="allow",
-            save_dir=str(self.run_dir),
-            tags=self.cfg.logger.tags,
-        )
+        # the run id derives from the run folder, or, under a W&B sweep, is the agent's
+        return WandbLogger(**wandb_logger_kwargs(self.run_dir, self.cfg.logger))
 
     # ---- one round -----------------------------------------------------------------------
     def sample_clients(self) -> list[int]:
-        n = self.data.num_clients
-        m = max(1, round(self.cfg.federation.fraction * n))
-        return sorted(torch.randperm(n, generator=self.sampler)[:m].tolist())
+        return sample_clients(self.sampler, self.data.num_clients, self.cfg.federation.fraction)
 
     def fit_client(self, k: int, rnd: int) -> float:
         """Local epochs of client k in round rnd; returns the mean training loss."""
@@ -432,15 +582,14 @@ class Federation:
         return metrics
 
     def _eval_metrics(self, result: dict) -> dict[str, float]:
-        if self.data.multilabel:
-            return multilabel_metrics(result, self.data.all_classnames)
-        if self.data.cfg.base_to_novel:
-            return base_to_novel_metrics(result)
-        weights = {k: len(self.data.test_parts[k]) for k in result}
-        s = summarize(result, weights)
-        metrics = {f"eval/acc_{name}": v for name, v in s.items()}
-        metrics.update({f"client/{k}/acc": v for k, v in result.items()})
-        return metrics
+        counts = {k: len(self.data.test_parts[k]) for k in result}
+        return eval_metrics(
+            result,
+            self.data.multilabel,
+            self.data.cfg.base_to_novel,
+            counts,
+            self.data.all_classnames,
+        )
 
     def _stop_requested(self) -> bool:
         # with several ranks a stop waits for the end of the round (all ranks agree then)
@@ -520,17 +669,7 @@ class Federation:
         if client.learner.end_of_round(loss):
             client.optimizer_pairs = None  # a new trainable set: fresh optimizers
 
-    @staticmethod
-    def _commit(k: int, out: dict, turn: dict) -> None:
-        turn["down"] += out.get("down", 0)
-        turn["up"] += out.get("up", 0)
-        turn["metrics"].update(out["metrics"])
-        if out.get("released"):
-            turn["released"].append(k)
-        if "result" in out:
-            turn["results"][k] = out["result"]
-        turn["losses"][k] = out.get("loss", float("nan"))
-        turn["done"].append(k)
+    _commit = staticmethod(commit_outcome)
 
     def _fail(self, k: int, rnd: int, reason: str, turn: dict) -> None:
         if self.rank == 0:
@@ -539,19 +678,7 @@ class Federation:
 
     def _check_failures(self, rnd: int, turn: dict) -> None:
         """Raise FederationError when the round's failures exceed what the config allows."""
-        failed, limit = len(turn["failures"]), self.cfg.federation.max_client_failures
-        if (limit is not None and failed > limit) or (
-            limit is None and failed and failed == len(turn["sampled"])
-        ):
-            allowed = (
-                "every sampled client failed"
-                if limit is None
-                else (f"{failed} clients failed, more than federation.max_client_failures={limit}")
-            )
-            last = turn["failures"][-1]
-            raise FederationError(
-                f"round {rnd + 1}: {allowed}; last: client {last['client']}, {last['reason']}"
-            )
+        check_failures(rnd, turn, self.cfg.federation.max_client_failures)
 
     def _run_here(self, rnd: int, turn: dict, payloads: dict, progress: Progress) -> None:
         """The round's clients, one after another in this process."""
@@ -562,7 +689,7 @@ class Federation:
                 out, error = self.client_turn(k, rnd, payloads.get(k))
                 self._commit(k, out, turn)
                 if error is not None:
-                    self._fail(k, rnd, _reason(error), turn)
+                    self._fail(k, rnd, failure_reason(error), turn)
                     self._check_failures(rnd, turn)
             progress.client_done(k)
 
@@ -577,7 +704,7 @@ class Federation:
             if owner[k] == self.rank:
                 out, error = self.client_turn(k, rnd, payloads.get(k))
                 if error is not None:
-                    out["error"] = _reason(error)
+                    out["error"] = failure_reason(error)
                 else:  # what it downloaded and learnt, for the other ranks' copies
                     out["client_state"] = self.clients[k].client_state()
                 mine[k] = out
@@ -599,11 +726,7 @@ class Federation:
         t0 = time.perf_counter()
         turn = self.partial if self.partial is not None and self.partial["round"] == rnd else None
         if turn is None:
-            turn = {
-                "round": rnd, "sampled": self.sample_clients(), "done": [], "results": {},
-                "losses": {}, "failures": [], "metrics": {}, "released": [], "down": 0, "up": 0,
-                "elapsed": 0.0,
-            }  # fmt: skip
+            turn = new_turn(rnd, self.sample_clients())
         self.partial = turn
         sampled = turn["sampled"]
         payloads = self.strategy.configure_round(rnd, sampled)
@@ -616,32 +739,7 @@ class Federation:
         finally:
             turn["elapsed"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-
-        results = {
-            k: ClientResult(k, r["state"], r["num_samples"], r["metrics"])
-            for k, r in sorted(turn["results"].items())
-        }
-        _, agg_metrics = self.strategy.aggregate(rnd, results)
-        metrics: dict[str, float] = {"round": float(rnd + 1)}
-        if self.privacy.enabled:
-            if results and self.privacy.cfg.mode == "central":
-                keys = sorted({n for r in results.values() for n in r.state})
-                self.strategy.global_state = self.privacy.noise_aggregate(
-                    self.strategy.global_state, keys, len(results), rnd
-                )
-            # every client whose private upload left it counts, accepted or not
-            metrics.update(self.privacy.account(rnd, sorted(turn["released"]), len(sampled)))
-        losses = turn["losses"]
-        finite = [v for v in losses.values() if not math.isnan(v)]
-        metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
-        metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
-        metrics.update(turn["metrics"])
-        metrics.update({f"server/{k}": v for k, v in agg_metrics.items()})
-        metrics["train/failed_clients"] = float(len(turn["failures"]))
-        metrics.update({f"client/{f['client']}/failed": 1.0 for f in turn["failures"]})
-        metrics["traffic/down_bytes"] = float(turn["down"])
-        metrics["traffic/up_bytes"] = float(turn["up"])
-        metrics["traffic/sampled_clients"] = float(len(sampled))
+        metrics = finish_round(self.strategy, self.privacy, rnd, turn)
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluation_metrics(rnd))
@@ -766,37 +864,19 @@ class Federation:
 
     # ---- results -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        part = self.data.summary()
-        for row in part["clients"]:
-            row[self.metric] = self.last_eval.get(row["client"], float("nan"))
-            experts = getattr(self.clients[row["client"]].learner, "expert_ids", None)
-            if experts is not None:  # pFedMoAP: the experts the client holds now
-                row["experts"] = list(experts)
-        final = self.history[-1] if self.history else {}
-        total_up = sum(r.get("traffic/up_bytes", 0.0) for r in self.history)
-        total_down = sum(r.get("traffic/down_bytes", 0.0) for r in self.history)
-        return {
-            "rounds_completed": self.round,
-            "clients": part["clients"],
-            "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
-            "per_class_ap": {
-                k[len("class/") : -len("/ap")]: v
-                for k, v in final.items()
-                if k.startswith("class/") and k.endswith("/ap")
-            },
-            "traffic": {"up_bytes": total_up, "down_bytes": total_down},
-            "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
-            "config": {
-                "learner": type(self.cfg.learner).__name__,
-                "strategy": type(self.strategy).__name__,
-                "dataset": getattr(self.data.source, "name", type(self.data.source).__name__),
-                "backbone": self.cfg.backbone.model,
-            },
-            "optim": asdict(self.cfg.optim),
-            "metric": self.metric,
-            "failures": self.failures,
-            "privacy": {
-                **asdict(self.privacy.cfg),
-                "epsilon": final.get("privacy/epsilon") if self.privacy.enabled else None,
-            },
-        }
+        experts = {}
+        for k, client in enumerate(self.clients):
+            ids = getattr(client.learner, "expert_ids", None)
+            if ids is not None:  # pFedMoAP: the experts the client holds now
+                experts[k] = list(ids)
+        return run_summary(
+            self.cfg,
+            self.data.summary(),
+            self.history,
+            self.last_eval,
+            experts,
+            self.round,
+            self.failures,
+            self.privacy,
+            self.metric,
+        )

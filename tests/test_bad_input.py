@@ -314,7 +314,7 @@ CASES = [
         ),
         id="dirichlet-alpha-negative",
     ),
-    pytest.param(fit("--fabric.devices=2", needle="devices"), id="devices-2"),
+    pytest.param(fit("--fabric.devices=0", needle="fabric.devices"), id="devices-0"),
     pytest.param(
         fit(
             "--data.dataset.init_args.num_classes=1",
