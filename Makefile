@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # offline build machines serve); pip resolves them before the project's own dependencies.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean flower-demo
 
 install: $(VENV)/.installed
 
@@ -14,11 +14,19 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PKGS)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,flower]"
 	touch $@
 
 demo: install
 	$(BIN)/fedclip fit --config configs/quickstart.yaml --run_name quickstart-$$(date +%Y%m%d-%H%M%S)
+
+# the quickstart on Flower's simulation engine, one simulated SuperNode per client. `flwr run`
+# leaves a local SuperLink running in the background (ports 39091 and 39093).
+flower-demo: install
+	$(BIN)/pip install --quiet -e ".[flower-simulation]"
+	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+	    $(BIN)/flwr run flower_app --stream --federation-config "num-supernodes=4" \
+	    --run-config "config='$(CURDIR)/configs/quickstart.yaml' overrides='--run_name=flower-quickstart-$$(date +%Y%m%d-%H%M%S)'"
 
 test: install
 	$(BIN)/pytest -q

@@ -261,6 +261,7 @@ def cmd_fit(argv: list[str]) -> int:
     try:
         fed.fit(resume=ns.resume)
     except KeyboardInterrupt:
+        fed.close(130)
         if main_rank:
             print(
                 f"aborted; the last checkpoint is {ckpt} (continue: {resume_hint})",
@@ -268,6 +269,7 @@ def cmd_fit(argv: list[str]) -> int:
             )
         return 130
     except FederationError as e:
+        fed.close(1)
         if main_rank:
             print(
                 f"fedclip fit: stopped: {_one_line(str(e))}; the round so far is in {ckpt} "
@@ -275,8 +277,10 @@ def cmd_fit(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         return 1
+    code = 128 + fed.stopped_by if fed.stopped_by is not None else 0
     if not main_rank:
-        return 128 + fed.stopped_by if fed.stopped_by is not None else 0
+        fed.close(code)
+        return code
     write_results(fed, run_dir)
     if fed.stopped_by is not None:
         name = signal.Signals(fed.stopped_by).name
@@ -284,9 +288,11 @@ def cmd_fit(argv: list[str]) -> int:
             f"stopped by {name} after a checkpoint: {ckpt} (continue: {resume_hint})",
             file=sys.stderr,
         )
-        if requeue_if_preempted(fed.stopped_by):
+        if requeue_if_preempted(fed.stopped_by):  # while the W&B run is still open
             print("W&B sweep: run marked preempting; the sweep requeues it", file=sys.stderr)
-        return 128 + fed.stopped_by
+        fed.close(code)
+        return code
+    fed.close(0)
     print_table(fed, f"{run_name}: round {fed.round}")
     print(f"run folder: {run_dir}")
     return 0

@@ -813,6 +813,15 @@ class Federation:
         for lg in self.fabric.loggers:
             lg.save()
 
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the loggers' runs with the command's exit code: a W&B run is flushed and
+        closed here, not by an exit hook that a busy machine may cut short."""
+        self._flush_loggers()
+        for lg in self.fabric.loggers:
+            run = getattr(lg, "_experiment", None)  # only a W&B run that was started
+            if run is not None and hasattr(run, "finish"):
+                run.finish(exit_code=exit_code)
+
     # ---- checkpoints ---------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:

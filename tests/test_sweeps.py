@@ -439,5 +439,6 @@ def test_requeued_sweep_run_continues_from_its_checkpoint(tmp_path, monkeypatch,
         assert main(requeued) == 0
     finally:
         wandb.finish()
+        wandb.teardown()  # the process-wide W&B setup keeps this test's disabled mode
     summary = json.loads((tmp_path / f"textualprompt-shapes-{RUN_ID}" / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
