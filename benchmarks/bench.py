@@ -225,7 +225,7 @@ def bench_fedmvp(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels):
         _, average = learner.attribute_features()
         with torch.no_grad():
             tokens = clip.patch_tokens(images)
-        f = clip.encode_image_tokens(tokens, learner.former(tokens[:, 1:], attrs))
+        f = clip.encode_image_tokens(tokens, learner.former(tokens.patches, attrs))
         with torch.no_grad():
             target = clip.encode_image(images.flip(-1))  # the frozen target at every step
         return clip.logit_scale * (f @ attrs.t()) @ average.t(), f, target

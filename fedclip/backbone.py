@@ -34,9 +34,13 @@ class BackboneError(ValueError):
 
 
 def register_model_configs() -> None:
-    """Make fedclip's own small architectures (fedclip-tiny-vit, fedclip-tiny-rn) known to open_clip."""
+    """Make fedclip's own small architectures (fedclip-tiny-vit, fedclip-tiny-rn and one per
+    open_clip family, see `fedclip.families`) known to open_clip."""
     global _registered
     if not _registered:
+        from fedclip.families import register_tiny_trunks
+
+        register_tiny_trunks()
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
@@ -109,6 +113,57 @@ def _resolve_pretrained(cfg: BackboneConfig) -> str | None:
     raise BackboneError(
         f"unknown pretrained tag '{tag}' for {cfg.model}; known tags: {', '.join(tags)}"
     )
+
+
+def _tokenizer(cfg: BackboneConfig):
+    """open_clip's tokenizer of the model (a stand-in for fedclip's tiny SigLIP models)."""
+    from fedclip.families import TINY_TOKENIZERS
+
+    if cfg.model in TINY_TOKENIZERS:
+        return TINY_TOKENIZERS[cfg.model]()
+    try:
+        return open_clip.get_tokenizer(cfg.model, cache_dir=cfg.cache_dir)
+    except ImportError as e:  # SigLIP's and other Hugging Face tokenizers
+        raise BackboneError(
+            f"{cfg.model}: its tokenizer needs the '{e.name or 'transformers'}' package "
+            "(pip install transformers sentencepiece) and the Hugging Face hub or a filled "
+            "HF cache"
+        ) from e
+    except OSError as e:  # the tokenizer files could not be downloaded
+        raise BackboneError(
+            f"{cfg.model}: could not load its tokenizer ({str(e).splitlines()[0][:160]}); on "
+            "a machine without internet, fill the Hugging Face cache elsewhere (HF_HOME)"
+        ) from e
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a tokenizer puts things, read from what it makes of '' and 'x'.
+
+    bos: the start token (None when there is none, as in SigLIP); offset: where the content
+    starts (1 with a start token); eos: the token that ends the content; pad: what fills
+    the rest up to the context length (SigLIP's T5 pads with its end token).
+    """
+
+    bos: int | None
+    eos: int
+    pad: int
+
+    @property
+    def offset(self) -> int:
+        return int(self.bos is not None)
+
+    @classmethod
+    def probe(cls, tokenizer) -> TokenLayout:
+        empty, one = tokenizer([""])[0], tokenizer(["x"])[0]
+        bos = int(empty[0]) if int(empty[0]) == int(one[0]) else None
+        return cls(bos=bos, eos=int(empty[int(bos is not None)]), pad=int(empty[-1]))
+
+    def content_end(self, tokens: Tensor) -> Tensor:
+        """(N, L) token ids -> (N,) index of each row's end token (first eos after the
+        start), i.e. offset + the number of content tokens."""
+        after = torch.arange(tokens.shape[1], device=tokens.device) >= self.offset
+        return ((tokens == self.eos) & after).int().argmax(dim=-1)
 
 
 class _TextTower:
@@ -192,6 +247,20 @@ class FrozenCLIP(nn.Module):
         self.preprocess_train = preprocess_train
         self.preprocess_val = preprocess_val
         self.text = _TextTower(model, name)
+        self.layout = TokenLayout.probe(tokenizer)
+        tower = self.text
+        log.info(
+            "%s: %s text tower, '%s' pooling, %d tokens: %s",
+            name,
+            "causal" if tower.causal else "bidirectional",
+            tower.pool_type,
+            int(tower.positional_embedding.shape[0]),
+            "prompts are cut after the end token and share their prefix (exact)"
+            if tower.shared_prefix
+            else "prompts are cut after the end token (exact)"
+            if tower.truncatable
+            else "prompts run at full length (cutting them would not be exact)",
+        )
         self.images_encoded = 0  # frozen image-encoder passes, counted per sample
         self.text_sequences_encoded = 0  # prompted text sequences run through the tower
         self._feature_store: dict[str, tuple[Tensor, Tensor]] = {}
@@ -206,6 +275,7 @@ class FrozenCLIP(nn.Module):
                 "offline demo, meaningless for real experiments",
                 cfg.model,
             )
+        tokenizer = _tokenizer(cfg)  # before the model: a missing tokenizer fails fast
         try:
             model, pre_train, pre_val = open_clip.create_model_and_transforms(
                 cfg.model,
@@ -225,7 +295,6 @@ class FrozenCLIP(nn.Module):
                 f"could not build {cfg.model} from '{pretrained}': "
                 f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             ) from e
-        tokenizer = open_clip.get_tokenizer(cfg.model)
         return cls(model, tokenizer, pre_train, pre_val, cfg.model)
 
     def train(self, mode: bool = True) -> FrozenCLIP:
@@ -256,6 +325,15 @@ class FrozenCLIP(nn.Module):
     def logit_scale(self) -> Tensor:
         """s = exp(logit_scale) of the frozen model (a scalar tensor)."""
         return self.model.logit_scale.exp()
+
+    @property
+    def logit_bias(self) -> Tensor:
+        """b of models trained with a sigmoid loss (SigLIP: logits s * cos + b), else 0.
+
+        The same b is added to every class's logit, so it changes no softmax, cross-entropy,
+        ranking or average precision; it makes the logits the model's own calibrated ones."""
+        bias = getattr(self.model, "logit_bias", None)
+        return bias if bias is not None else torch.zeros((), device=self.device)
 
     # ---- text ----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> Tensor:
@@ -363,53 +441,179 @@ class FrozenCLIP(nn.Module):
         return self.encode_prompted_text(self.token_embedding(tokens), tokens, normalize)
 
     # ---- images --------------------------------------------------------------------------
+    @dataclass(frozen=True)
+    class VisualTokens:
+        """A batch's input tokens of the vision transformer, as the tower's own forward
+        builds them: after the position embedding, before the pre-norm.
+
+        tokens: (B, num_prefix + N, V), first the prefix tokens (class and register tokens:
+        1 in open_clip's ViT, EVA02 and PE-Core, 0 in SigLIP), then the N patch tokens.
+        rope: an EVA tower's rotary table for the N patches, (N, 2R) or, with per-depth
+        rope, (depth, heads, N, 2R); None for towers without rotary embeddings.
+        """
+
+        tokens: Tensor
+        num_prefix: int
+        rope: Tensor | None = None
+
+        @property
+        def patches(self) -> Tensor:
+            """(B, N, V): the patch tokens alone, without the prefix tokens."""
+            return self.tokens[:, self.num_prefix :]
+
+    def _vision_tower(self) -> tuple[str | None, str, str]:
+        """(kind, tower, why not) of the vision tower.
+
+        kind says how visual prompts are injected: 'openclip' (open_clip's VisionTransformer),
+        'vit' or 'eva' (a TimmModel around timm's VisionTransformer or Eva, whose forward
+        `encode_image_tokens` re-runs stage by stage); None when they cannot be, with the
+        reason. A subclass that overrides the forward is refused: its stages are unknown.
+        """
+        from open_clip.timm_model import TimmModel
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        visual = self.model.visual
+        oc_vit = open_clip.transformer.VisionTransformer
+        not_mirrored = "builds its tokens in a forward of its own that fedclip does not mirror"
+        if isinstance(visual, oc_vit):
+            cls = type(visual)
+            ok = cls.forward is oc_vit.forward and cls._embeds is oc_vit._embeds
+            return ("openclip" if ok else None), cls.__name__, not_mirrored
+        if isinstance(visual, TimmModel):
+            trunk = visual.trunk
+            cls = type(trunk)
+            tower = f"timm {cls.__name__}"
+            for base, kind in ((TimmViT, "vit"), (Eva, "eva")):
+                if isinstance(trunk, base):
+                    ok = (
+                        type(visual).forward is TimmModel.forward
+                        and cls.forward is base.forward
+                        and cls.forward_features is base.forward_features
+                    )
+                    return (kind if ok else None), tower, not_mirrored
+            return None, tower, "has no token sequence"
+        return None, type(visual).__name__, "has no token sequence"
+
     @property
     def accepts_visual_prompts(self) -> bool:
-        return isinstance(self.model.visual, open_clip.transformer.VisionTransformer)
+        """Whether visual prompt tokens can be injected into the vision tower (FedMVP)."""
+        return self._vision_tower()[0] is not None
 
-    def _check_visual_prompts(self) -> None:
-        if not self.accepts_visual_prompts:
+    def _token_kind(self) -> str:
+        """The tower's kind (see `_vision_tower`); a one-line BackboneError that names the
+        model, its tower and the learners that do work on it when prompts cannot go in."""
+        kind, tower, why = self._vision_tower()
+        if kind is None:
             raise BackboneError(
-                f"{self.name}: its vision tower ({type(self.model.visual).__name__}) cannot "
-                "take visual prompt tokens; use a ViT model (e.g. ViT-B-16) for visual prompts"
+                f"{self.name}: its vision tower ({tower}) {why}, so it cannot take visual "
+                "prompt tokens (FedMVP); text-prompt learners work on it: TextualPrompt "
+                "(CoOp, PromptFL), MixtureOfPrompts (pFedMoAP), ZeroShot"
             )
+        return kind
+
+    def check_visual_prompts(self) -> None:
+        """Raise the one-line BackboneError of `_token_kind` unless the vision tower can take
+        visual prompt tokens (learners call this at setup, before any training)."""
+        self._token_kind()
 
     @property
     def vision_width(self) -> int:
-        """V, the width of the vision transformer's tokens."""
-        self._check_visual_prompts()
-        return int(self.model.visual.conv1.out_channels)
+        """V, the width of the vision transformer's tokens (and of visual prompts)."""
+        if self._token_kind() == "openclip":
+            return int(self.model.visual.conv1.out_channels)
+        return int(self.model.visual.trunk.embed_dim)
 
-    def patch_tokens(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, 1 + N, V): the class token and the N patch embeddings with
-        their positional embedding, as they enter the vision transformer (before ln_pre)."""
-        self._check_visual_prompts()
+    def patch_tokens(self, images: Tensor) -> FrozenCLIP.VisualTokens:
+        """(B, 3, H, W) -> the tower's input tokens (B, num_prefix + N, V), made by the
+        tower's own stages, as in its forward: patch embedding, prefix tokens, position
+        embedding (EVA: and its rotary table), patch dropout (a no-op: always eval). The
+        pre-norm is left to `encode_image_tokens`, which then covers the prompts too."""
+        kind = self._token_kind()
         visual = self.model.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, V, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, V)
-        cls_tok = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
-        return torch.cat([cls_tok.to(x.dtype), x], dim=1) + visual.positional_embedding.to(x.dtype)
+        if kind == "openclip":
+            x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, V, g, g)
+            x = x.flatten(2).transpose(1, 2)  # (B, N, V)
+            cls_tok = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls_tok.to(x.dtype), x], dim=1)  # (B, 1 + N, V)
+            x = x + visual.positional_embedding.to(x.dtype)
+            return self.VisualTokens(visual.patch_dropout(x), num_prefix=1)
+        trunk = visual.trunk
+        # (B, N, V), or (B, h, w, V) when the trunk takes dynamic image sizes
+        x = trunk.patch_embed(images.to(next(trunk.parameters()).dtype))
+        if kind == "eva":
+            x, rope = trunk._pos_embed(x)  # (B, n_pre + N, V); EVA's patch dropout is in here
+            return self.VisualTokens(x, trunk.num_prefix_tokens, rope)
+        x = trunk.patch_drop(trunk._pos_embed(x))  # (B, n_pre + N, V)
+        return self.VisualTokens(x, trunk.num_prefix_tokens)
+
+    @staticmethod
+    def _identity_rope(rope: Tensor, p: int) -> Tensor:
+        """EVA's rotary table (..., N, 2R) extended by p rows [sin 0 | cos 1] -> (..., N + p,
+        2R). timm rotates every token after the prefix and needs one row per token; these
+        rows rotate by nothing (x cos + rot(x) sin = x exactly), so the appended prompts
+        carry no position and the patches keep their own rotations."""
+        shape = (*rope.shape[:-2], p, rope.shape[-1] // 2)
+        identity = torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)  # (.., p, 2R)
+        return torch.cat([rope, identity], dim=-2)
 
     def encode_image_tokens(
-        self, tokens: Tensor, prompts: Tensor | None = None, normalize: bool = True
+        self,
+        tokens: FrozenCLIP.VisualTokens,
+        prompts: Tensor | None = None,
+        normalize: bool = True,
     ) -> Tensor:
-        """`patch_tokens` output (B, 1 + N, V) plus visual prompts (B, P, V), appended after
-        the patches with no positional embedding -> (B, D) image features."""
+        """`patch_tokens` output plus visual prompts (B, P, V) -> (B, D) image features.
+
+        The prompts are appended after all tokens, with no position embedding (EVA: identity
+        rotary rows), and go through the pre-norm and the blocks with the image's tokens.
+        Their outputs are then dropped, so the tower's own pooling (class token, average or
+        MAP head, with its final norm) pools exactly the tokens it pools without prompts; the
+        prompts act through attention (VPT's convention). Then the tower's head/projection.
+        With no prompts this equals `encode_image`. Differentiable w.r.t. the prompts only:
+        no backbone parameter requires a gradient.
+        """
+        kind = self._token_kind()
         visual = self.model.visual
-        self.images_encoded += int(tokens.shape[0])
-        x = tokens if prompts is None else torch.cat([tokens, prompts.to(tokens.dtype)], dim=1)
-        x = visual.ln_pre(x)  # (B, 1 + N + P, V)
-        x = visual.transformer(x)
-        x, _ = visual._pool(x)
-        if visual.proj is not None:
-            x = x @ visual.proj
+        x = tokens.tokens
+        b, _, v = x.shape
+        self.images_encoded += int(b)
+        p = 0
+        if prompts is not None:
+            if prompts.dim() != 3 or prompts.shape[0] != b or prompts.shape[2] != v:
+                raise ValueError(
+                    f"visual prompts must be (B={b}, P, V={v}), got {tuple(prompts.shape)}"
+                )
+            p = int(prompts.shape[1])
+            x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B, n_pre + N + P, V)
+        keep = x.shape[1] - p  # the tower's own tokens: the prompt outputs are not pooled
+        if kind == "openclip":
+            x = visual.transformer(visual.ln_pre(x))
+            x, _ = visual._pool(x[:, :keep])  # (B, V'), with ln_post where the tower has it
+            if visual.proj is not None:
+                x = x @ visual.proj
+        else:
+            trunk = visual.trunk
+            x = trunk.norm_pre(x)
+            if kind == "vit":
+                x = trunk.blocks(x)
+            else:
+                rope = tokens.rope
+                if rope is not None and p:
+                    rope = self._identity_rope(rope, p)
+                # per-depth rope ('mixed'): one table per block, as in Eva.forward_features
+                mixed = rope is not None and getattr(trunk, "rope_mixed", False)
+                for i, block in enumerate(trunk.blocks):
+                    x = block(x, rope=rope[i] if mixed else rope)
+            # trunk.norm is per token, so dropping the prompts first changes nothing
+            x = visual.head(trunk.forward_head(trunk.norm(x[:, :keep])))  # (B, D)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image(
         self, images: Tensor, prompts: Tensor | None = None, normalize: bool = True
     ) -> Tensor:
-        """(B, 3, H, W) -> (B, D) image features; `prompts` (B, P, V) are appended after the
-        patch tokens (no positional embedding), before ln_pre, as visual prompt tokens."""
+        """(B, 3, H, W) -> (B, D) image features. Without prompts, the tower's own forward;
+        `prompts` (B, P, V) are injected as visual prompt tokens (see `encode_image_tokens`)."""
         if prompts is None:
             self.images_encoded += int(images.shape[0])
             x = self.model.visual(images)

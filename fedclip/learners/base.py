@@ -257,12 +257,13 @@ class PromptLearner(nn.Module):
 
     def scores(self, f: Tensor, t: Tensor) -> Tensor:
         """Logits of image features f (B, D) against class features t: (C, D) gives
-        s * f t^T; multi-label (2, C, D) gives s * (f t+^T - f t-^T)."""
+        s * f t^T + b (b: the logit bias of sigmoid-trained models such as SigLIP, else 0);
+        multi-label (2, C, D) gives s * (f t+^T - f t-^T), where b cancels."""
         s = self.clip.logit_scale
         f = f.to(t.dtype)
         if t.dim() == 3:
             return s * (f @ t[0].t() - f @ t[1].t())  # (B, C)
-        return s * f @ t.t()  # (B, C)
+        return s * f @ t.t() + self.clip.logit_bias.to(f.dtype)  # (B, C)
 
     def forward(self, batch: Batch) -> Tensor:
         f = self.image_features(batch)  # (B, D)

@@ -3,11 +3,15 @@
 Singha et al., "FedMVP: Federated Multimodal Visual Prompt Tuning for Vision-Language
 Models" (ICCV 2025). A PromptFormer cross-attends from the image's patch embeddings to
 the text features of every candidate class's attributes and pools the result into P visual
-prompt tokens, which enter the frozen vision transformer after the patch tokens. Classes
+prompt tokens, which enter the frozen vision transformer after the image's tokens. Classes
 are scored by the mean cosine similarity to their attributes; a consistency term keeps the
 prompted feature close to the frozen feature of the horizontally flipped image. Once a
 client's loss falls below sigma it freezes the cross-attention and trains (and sends) only
 rank-r LoRA factors of its q, k and v projections.
+
+Works on every token vision tower: open_clip's ViT, and timm ViT/EVA towers (SigLIP, EVA02,
+PE-Core, MobileCLIP-B; see `FrozenCLIP.encode_image_tokens`). ResNet and FastViT towers have
+no tokens: setup stops with one line naming the learners that do work on them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedclip.backbone import BackboneError, FrozenCLIP
+from fedclip.backbone import FrozenCLIP
 from fedclip.data.attributes import (
     DEFAULT_TEMPLATE,
     FALLBACK_TEMPLATES,
@@ -193,12 +197,9 @@ class FedMVP(PromptLearner):
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
-        if not clip.accepts_visual_prompts:
-            raise BackboneError(
-                f"FedMVP needs a vision transformer that takes prompt tokens; {clip.name} has "
-                f"a {type(clip.model.visual).__name__} vision tower (use a ViT model, or a "
-                "textual learner such as TextualPrompt or MixtureOfPrompts with this one)"
-            )
+        # one line naming the model, its tower and the learners that do work on it (a
+        # ResNet or FastViT tower has no token sequence to append prompts to)
+        clip.check_visual_prompts()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same initial PromptFormer on every client
             former = PromptFormer(
@@ -228,8 +229,12 @@ class FedMVP(PromptLearner):
             sentences, owner = attribute_sentences(
                 self.classnames, attrs, self.template, self.fallback_templates
             )
-            tokens = self.clip.tokenize(sentences)
-            cut = int((tokens[:, -1] != 0).sum())  # a full row was cut by the tokenizer
+            tokens = self.clip.tokenize(sentences)  # (M, L)
+            layout = self.clip.layout
+            end = layout.content_end(tokens)  # (M,) where each row's end token sits
+            ended = tokens.gather(1, end[:, None])[:, 0] == layout.eos
+            # a row whose content fills the context (end token last, or none) was cut
+            cut = int(((end == tokens.shape[1] - 1) | ~ended).sum())
             if cut:
                 log.warning(
                     "FedMVP: %d attribute sentences exceed the %d-token context and were cut "
@@ -252,8 +257,9 @@ class FedMVP(PromptLearner):
         """(B, 3, H, W) -> (B, D) normalised features of the images under their prompts."""
         attrs, _ = self.attribute_features()
         with torch.no_grad():
-            tokens = self.clip.patch_tokens(images)  # (B, 1 + N, V), frozen
-        prompts = self.former(tokens[:, 1:], attrs)  # (B, P, V)
+            tokens = self.clip.patch_tokens(images)  # (B, n_prefix + N, V), frozen
+        # the PromptFormer reads the N patch tokens only: no class or register tokens
+        prompts = self.former(tokens.patches, attrs)  # (B, P, V)
         return self.clip.encode_image_tokens(tokens, prompts)
 
     def attribute_scores(self, f: Tensor) -> Tensor:
@@ -262,9 +268,9 @@ class FedMVP(PromptLearner):
         attrs, average = self.attribute_features()
         f = f.to(attrs.dtype)
         logits = self.clip.logit_scale * (f @ attrs.t()) @ average.t()
-        if self.multilabel:
-            logits = logits - self.clip.logit_scale * f @ self.negative_text_features().t()
-        return logits
+        if self.multilabel:  # the logit bias cancels in the difference
+            return logits - self.clip.logit_scale * f @ self.negative_text_features().t()
+        return logits + self.clip.logit_bias.to(logits.dtype)
 
     @torch.no_grad()
     def negative_text_features(self) -> Tensor:

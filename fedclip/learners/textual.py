@@ -82,24 +82,22 @@ class TextualPrompt(PromptLearner):
         self.tokens, self.ctx_pos = tokens.to(self.ctx.device), ctx_pos.to(self.ctx.device)
 
     def _initial_context(self, clip: FrozenCLIP, seed: int) -> Tensor:
-        width = clip.text_width
         if self.ctx_init:
-            phrase = self.ctx_init.replace("_", " ")
-            ids = clip.tokenize([phrase])
-            n = int(clip.text.pool_index(ids)[0]) - 1  # tokens between SOS and EOT
-            if n < 1:
+            ctx = self._phrase_context(clip, self.ctx_init)
+            if ctx.shape[0] < 1:
                 raise ValueError(f"TextualPrompt: ctx_init {self.ctx_init!r} has no tokens")
-            self.n_ctx = n
-            with torch.no_grad():
-                return clip.token_embedding(ids)[0, 1 : 1 + n].detach().clone().float()
+            self.n_ctx = ctx.shape[0]
+            return ctx
         gen = torch.Generator().manual_seed(seed)
-        return (torch.randn(self.n_ctx, width, generator=gen) * 0.02).to(clip.device)
+        return (torch.randn(self.n_ctx, clip.text_width, generator=gen) * 0.02).to(clip.device)
 
-    def _phrase_context(self, clip: FrozenCLIP, phrase: str) -> Tensor:
+    @staticmethod
+    def _phrase_context(clip: FrozenCLIP, phrase: str) -> Tensor:
+        """The input embeddings (n, W) of a phrase's content tokens (no start/end token)."""
         ids = clip.tokenize([phrase.replace("_", " ")])
-        n = int(clip.text.pool_index(ids)[0]) - 1  # tokens between SOS and EOT
+        start, end = clip.layout.offset, int(clip.layout.content_end(ids)[0])
         with torch.no_grad():
-            return clip.token_embedding(ids)[0, 1 : 1 + n].detach().clone().float()
+            return clip.token_embedding(ids)[0, start:end].detach().clone().float()
 
     def _negative_context(self, clip: FrozenCLIP, seed: int) -> Tensor:
         phrase = self.neg_ctx_init or ("a photo without a" if self.ctx_init else None)
@@ -119,30 +117,53 @@ class TextualPrompt(PromptLearner):
         return self.encode_context(self.ctx_neg)
 
     def _layout(self, clip: FrozenCLIP, classnames: list[str], n_ctx: int) -> tuple[Tensor, Tensor]:
-        """Token ids of every class's prompt and the positions that the context fills."""
+        """Token ids of every class's prompt and the positions that the context fills.
+
+        The prompt is "X X ... X {name}." tokenised by the backbone's own tokenizer; where
+        the content starts and ends comes from its layout (a start token or not, the end
+        token), and the placeholders are found by their id, so this holds for CLIP's
+        tokenizer and SigLIP's alike."""
         names = [c.replace("_", " ") for c in classnames]
         prefix = " ".join([PLACEHOLDER] * n_ctx)
-        tokens = clip.tokenize([f"{prefix} {name}." for name in names])  # (C, 77)
-        eot = clip.text.pool_index(tokens)  # (C,)
+        tokens = clip.tokenize([f"{prefix} {name}." for name in names])  # (C, L)
+        layout, length = clip.layout, tokens.shape[1]
+        off = layout.offset
+        end = layout.content_end(tokens)  # (C,)
+        ph = int(clip.tokenize([PLACEHOLDER])[0, off])
+        # tokens of the final '.' (SigLIP's cleaning drops punctuation: 0)
+        dot = int(layout.content_end(clip.tokenize(["x."]))[0]) - int(
+            layout.content_end(clip.tokenize(["x"]))[0]
+        )
+        if bool((tokens[:, off : off + n_ctx] != ph).any()):
+            raise ValueError(
+                f"TextualPrompt: {clip.name}'s tokenizer does not give one token per context "
+                f"placeholder {PLACEHOLDER!r}"
+            )
+        if int(end.max()) >= length - 1:
+            c = int(end.argmax())
+            raise ValueError(
+                f"TextualPrompt: {n_ctx} context tokens + class {classnames[c]!r} do not fit "
+                f"{clip.name}'s {length}-token context; use a smaller n_ctx"
+            )
         rows, positions = [], []
         for c in range(len(names)):
             t = tokens[c]
-            name_len = int(eot[c]) - 2 - n_ctx  # tokens of the name (without '.')
-            sos, ctx_ids = t[:1], t[1 : 1 + n_ctx]
-            name_ids, rest = t[1 + n_ctx : 1 + n_ctx + name_len], t[1 + n_ctx + name_len :]
+            name_len = int(end[c]) - off - n_ctx - dot  # tokens of the name
+            head, ctx_ids = t[:off], t[off : off + n_ctx]
+            name_ids, rest = t[off + n_ctx : off + n_ctx + name_len], t[off + n_ctx + name_len :]
             if self.class_token_position == "end":
-                order = [sos, ctx_ids, name_ids, rest]
-                pos = torch.arange(1, 1 + n_ctx)
+                order = [head, ctx_ids, name_ids, rest]
+                pos = torch.arange(off, off + n_ctx)
             elif self.class_token_position == "front":
-                order = [sos, name_ids, ctx_ids, rest]
-                pos = torch.arange(1 + name_len, 1 + name_len + n_ctx)
+                order = [head, name_ids, ctx_ids, rest]
+                pos = torch.arange(off + name_len, off + name_len + n_ctx)
             else:
                 half = n_ctx // 2
-                order = [sos, ctx_ids[:half], name_ids, ctx_ids[half:], rest]
+                order = [head, ctx_ids[:half], name_ids, ctx_ids[half:], rest]
                 pos = torch.cat(
                     [
-                        torch.arange(1, 1 + half),
-                        torch.arange(1 + half + name_len, 1 + n_ctx + name_len),
+                        torch.arange(off, off + half),
+                        torch.arange(off + half + name_len, off + n_ctx + name_len),
                     ]
                 )
             rows.append(torch.cat(order))
@@ -179,12 +200,12 @@ class TextualPrompt(PromptLearner):
         client's): [SOS] + context are encoded once and shared by every class when exact."""
         if not self.uses_shared_prefix():
             return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
-        n = self.n_ctx
+        start = self.clip.layout.offset + self.n_ctx
         with torch.no_grad():
-            sos = self.clip.token_embedding(self.tokens[:1, :1])[0]  # (1, W)
-            suffix = self.clip.token_embedding(self.tokens[:, 1 + n :])  # (C, S, W)
-        prefix = torch.cat([sos, ctx.to(sos.dtype)], dim=0)  # (1 + n, W)
-        return self.clip.encode_shared_prefix(prefix, suffix, self.tokens[:, 1 + n :])
+            head = self.clip.token_embedding(self.tokens[0, : self.clip.layout.offset])  # (0|1, W)
+            suffix = self.clip.token_embedding(self.tokens[:, start:])  # (C, S, W)
+        prefix = torch.cat([head, ctx.to(head.dtype)], dim=0)  # ([1 +] n, W)
+        return self.clip.encode_shared_prefix(prefix, suffix, self.tokens[:, start:])
 
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
