@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision
+import yaml
 
 from fedclip.backbone import BackboneConfig, load_backbone
 from fedclip.config import FabricConfig, FederationConfig, FitConfig
@@ -41,6 +43,46 @@ def shapes_cache(tmp_path_factory):
         del os.environ["FEDCLIP_CACHE"]
     else:
         os.environ["FEDCLIP_CACHE"] = old
+
+
+TINY_RUN = {
+    "seed": 0,
+    "backbone": {"model": "fedclip-tiny-vit"},
+    "learner": {"class_path": "fedclip.learners.TextualPrompt", "init_args": {"n_ctx": 4}},
+    "data": {
+        "dataset": {
+            "class_path": "fedclip.data.Shapes",
+            "init_args": {
+                "num_classes": 4,
+                "train_per_class": 8,
+                "test_per_class": 4,
+                "image_size": 32,
+            },
+        },
+        "partitioner": {"class_path": "fedclip.data.IID"},
+        "num_clients": 2,
+        "batch_size": 8,
+    },
+    "federation": {"rounds": 2, "local_epochs": 1},
+    "fabric": {"accelerator": "cpu"},
+}
+
+
+def tiny_yaml(over: dict | None = None) -> str:
+    """The YAML of a tiny `fedclip fit` run (4 Shapes classes at 32 px, 2 IID clients, the
+    tiny ViT with random weights, CoOp with 4 context tokens, 2 rounds on the CPU).
+
+    over: {dotted key: value}, each setting (replacing) the value at that path, e.g.
+    {"seed": 3, "federation.rounds": 1, "learner": {...}, "data.dataset.init_args.image_size": 64}.
+    """
+    run = copy.deepcopy(TINY_RUN)
+    for key, value in (over or {}).items():
+        *path, leaf = key.split(".")
+        node = run
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return yaml.safe_dump(run, sort_keys=False)
 
 
 def small_config(**over) -> FitConfig:

@@ -26,22 +26,22 @@ import yaml
 from fedclip.cli import main
 from fedclip.data import Shapes
 
-TINY = """
-seed: 3
-backbone: {model: fedclip-tiny-vit, pretrained: null}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 2}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 3, train_per_class: 4, test_per_class: 2, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-federation: {rounds: 1, local_epochs: 1, eval_at_start: false}
-fabric: {accelerator: cpu}
-"""
+from .conftest import tiny_yaml
+
+TINY = tiny_yaml(
+    {
+        "seed": 3,
+        "backbone.pretrained": None,
+        "learner.init_args.n_ctx": 2,
+        "data.dataset.init_args": {
+            "num_classes": 3,
+            "train_per_class": 4,
+            "test_per_class": 2,
+            "image_size": 32,
+        },
+        "federation": {"rounds": 1, "local_epochs": 1, "eval_at_start": False},
+    }
+)
 
 
 class NeedsRoot(Shapes):

@@ -14,24 +14,11 @@ import yaml
 from fedclip.checkpoint import load_checkpoint
 from fedclip.cli import build_fit_config, fit_parser, main
 
+from .conftest import tiny_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = """
-seed: 3
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 4}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-federation: {rounds: 2, local_epochs: 1}
-fabric: {accelerator: cpu}
-"""
+TINY = tiny_yaml({"seed": 3})
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:

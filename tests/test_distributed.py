@@ -20,41 +20,44 @@ from fedclip.cli import build_fit_config, fit_parser, main
 from fedclip.federation import Federation, FederationError, assign_clients, config_fingerprint
 from fedclip.progress import Progress
 
-from .conftest import small_config
+from .conftest import small_config, tiny_yaml
 from .test_reliability import assert_same_state, fit_args, wait_for_round
 
-TINY = """
-seed: 5
-backbone: {model: fedclip-tiny-vit}
-learner: LEARNER
-strategy: STRATEGY
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 12, test_per_class: 6, image_size: 32}
-  partitioner:
-    class_path: fedclip.data.Dirichlet
-    init_args: {alpha: 0.5, min_size: 4}
-  num_clients: 5
-  batch_size: 8
-federation: {rounds: 2, fraction: 0.8}
-fabric: {accelerator: cpu, devices: 2}
-"""
 PROMPTFL = (
-    "{class_path: fedclip.learners.TextualPrompt, init_args: {n_ctx: 4}}",
-    "{class_path: fedclip.strategies.FedAvg}",
+    {"class_path": "fedclip.learners.TextualPrompt", "init_args": {"n_ctx": 4}},
+    {"class_path": "fedclip.strategies.FedAvg"},
 )
 PFEDMOAP = (
-    "{class_path: fedclip.learners.MixtureOfPrompts, "
-    "init_args: {n_ctx: 4, d_gating: 32, gating_heads: 4}}",
-    "{class_path: fedclip.strategies.PFedMoAP, init_args: {num_experts: 2}}",
+    {
+        "class_path": "fedclip.learners.MixtureOfPrompts",
+        "init_args": {"n_ctx": 4, "d_gating": 32, "gating_heads": 4},
+    },
+    {"class_path": "fedclip.strategies.PFedMoAP", "init_args": {"num_experts": 2}},
 )
 
 
-def write_config(tmp_path: Path, method: tuple[str, str]) -> Path:
-    path = tmp_path / "tiny.yaml"
+def write_config(tmp_path: Path, method: tuple[dict, dict]) -> Path:
+    """5 clients (4 sampled a round) of Dirichlet sizes, 2 rounds, on 2 CPU ranks."""
     learner, strategy = method
-    path.write_text(TINY.replace("LEARNER", learner).replace("STRATEGY", strategy))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        tiny_yaml(
+            {
+                "seed": 5,
+                "learner": learner,
+                "strategy": strategy,
+                "data.dataset.init_args.train_per_class": 12,
+                "data.dataset.init_args.test_per_class": 6,
+                "data.partitioner": {
+                    "class_path": "fedclip.data.Dirichlet",
+                    "init_args": {"alpha": 0.5, "min_size": 4},
+                },
+                "data.num_clients": 5,
+                "federation": {"rounds": 2, "fraction": 0.8},
+                "fabric": {"accelerator": "cpu", "devices": 2},
+            }
+        )
+    )
     return path
 
 

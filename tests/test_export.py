@@ -26,43 +26,26 @@ from fedclip.export import (
 )
 from fedclip.federation import Federation
 
-DATA = """
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-fabric: {accelerator: cpu}
-"""
+from .conftest import tiny_yaml
 
-COOP = (
-    """
-seed: 3
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 4}
-federation: {rounds: 1, eval_at_start: false}
-"""
-    + DATA
-)
+COOP = tiny_yaml({"seed": 3, "federation": {"rounds": 1, "eval_at_start": False}})
 
 # two rounds: in the second each client downloads the other's context as its expert
-MOAP = (
-    """
-seed: 1
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.MixtureOfPrompts
-  init_args: {n_ctx: 4, ctx_init: a photo of a, d_gating: 16, gating_heads: 2}
-strategy:
-  class_path: fedclip.strategies.PFedMoAP
-  init_args: {num_experts: 2}
-federation: {rounds: 2, eval_at_start: false}
-"""
-    + DATA
+MOAP = tiny_yaml(
+    {
+        "seed": 1,
+        "learner": {
+            "class_path": "fedclip.learners.MixtureOfPrompts",
+            "init_args": {
+                "n_ctx": 4,
+                "ctx_init": "a photo of a",
+                "d_gating": 16,
+                "gating_heads": 2,
+            },
+        },
+        "strategy": {"class_path": "fedclip.strategies.PFedMoAP", "init_args": {"num_experts": 2}},
+        "federation": {"rounds": 2, "eval_at_start": False},
+    }
 )
 
 

@@ -44,69 +44,62 @@ from fedclip.flower.server import (  # noqa: E402
     read_config,
 )
 
+from .conftest import tiny_yaml  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
-PROMPTFL = """
-seed: 3
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 4}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 12, test_per_class: 6, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-federation: {rounds: 2, local_epochs: 1, eval_every: 2, eval_at_start: false}
-optim: {lr: 0.05}
-fabric: {accelerator: cpu}
-"""
+PROMPTFL_RUN = {
+    "seed": 3,
+    "data.dataset.init_args.train_per_class": 12,
+    "data.dataset.init_args.test_per_class": 6,
+    "federation": {"rounds": 2, "local_epochs": 1, "eval_every": 2, "eval_at_start": False},
+    "optim": {"lr": 0.05},
+}
+PROMPTFL = tiny_yaml(PROMPTFL_RUN)
 
 # per-client payloads (experts), partial participation, local DP noise drawn on the nodes
-PFEDMOAP = """
-seed: 5
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.MixtureOfPrompts
-  init_args: {n_ctx: 4, gating_heads: 4}
-strategy:
-  class_path: fedclip.strategies.PFedMoAP
-  init_args: {num_experts: 2}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 12, test_per_class: 6, image_size: 32}
-  partitioner: {class_path: fedclip.data.Dirichlet, init_args: {alpha: 1.0, min_size: 2}}
-  num_clients: 3
-  batch_size: 8
-federation: {rounds: 3, fraction: 0.67, local_epochs: 1, eval_every: 1}
-privacy: {mode: local, clip_norm: 0.5, noise_multiplier: 0.1}
-optim: {lr: 0.05}
-fabric: {accelerator: cpu}
-"""
+PFEDMOAP = tiny_yaml(
+    {
+        "seed": 5,
+        "learner": {
+            "class_path": "fedclip.learners.MixtureOfPrompts",
+            "init_args": {"n_ctx": 4, "gating_heads": 4},
+        },
+        "strategy": {"class_path": "fedclip.strategies.PFedMoAP", "init_args": {"num_experts": 2}},
+        "data.dataset.init_args.train_per_class": 12,
+        "data.dataset.init_args.test_per_class": 6,
+        "data.partitioner": {
+            "class_path": "fedclip.data.Dirichlet",
+            "init_args": {"alpha": 1.0, "min_size": 2},
+        },
+        "data.num_clients": 3,
+        "federation": {"rounds": 3, "fraction": 0.67, "local_epochs": 1, "eval_every": 1},
+        "privacy": {"mode": "local", "clip_norm": 0.5, "noise_multiplier": 0.1},
+        "optim": {"lr": 0.05},
+    }
+)
 
 # images through the frozen encoder, and a switch of the trainable (and shared) tensors to
 # LoRA factors after round 1 (sigma 10): the phase must survive a node's fresh process
-FEDMVP = """
-seed: 1
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.FedMVP
-  init_args: {attributes: shapes, num_prompts: 4, heads: 4, lora: true, sigma: 10.0, lora_rank: 4}
-strategy: {class_path: fedclip.strategies.FedAvg, init_args: {weighted: false}}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-federation: {rounds: 2, local_epochs: 1, eval_every: 2, eval_at_start: false}
-optim: {lr: 0.003}
-fabric: {accelerator: cpu}
-"""
+FEDMVP = tiny_yaml(
+    {
+        "seed": 1,
+        "learner": {
+            "class_path": "fedclip.learners.FedMVP",
+            "init_args": {
+                "attributes": "shapes",
+                "num_prompts": 4,
+                "heads": 4,
+                "lora": True,
+                "sigma": 10.0,
+                "lora_rank": 4,
+            },
+        },
+        "strategy": {"class_path": "fedclip.strategies.FedAvg", "init_args": {"weighted": False}},
+        "federation": {"rounds": 2, "local_epochs": 1, "eval_every": 2, "eval_at_start": False},
+        "optim": {"lr": 0.003},
+    }
+)
 CONFIGS = {"promptfl": (PROMPTFL, 2), "pfedmoap": (PFEDMOAP, 3), "fedmvp": (FEDMVP, 2)}
 
 
@@ -321,10 +314,11 @@ def test_node_identity_and_data_root(tmp_path):
     _, plain, _ = read_config(RunOptions(config=str(write(tmp_path, PROMPTFL))), None)
     with pytest.raises(NodeConfigError, match="Shapes has no root folder"):
         site_config(plain, "/srv/a")
-    cifar = PROMPTFL.replace(
-        "class_path: fedclip.data.Shapes\n    init_args: {num_classes: 4, train_per_class: 12, "
-        "test_per_class: 6, image_size: 32}",
-        "class_path: fedclip.data.CIFAR100\n    init_args: {root: data}",
+    cifar = tiny_yaml(
+        {
+            **PROMPTFL_RUN,
+            "data.dataset": {"class_path": "fedclip.data.CIFAR100", "init_args": {"root": "data"}},
+        }
     )
     _, plain, _ = read_config(RunOptions(config=str(write(tmp_path, cifar))), None)
     assert site_config(plain, str(tmp_path / "site-a")).data.dataset.root == str(

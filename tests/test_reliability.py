@@ -20,31 +20,25 @@ from fedclip.federation import Federation
 from fedclip.learners import MixtureOfPrompts
 from fedclip.strategies import FedAvg, PFedMoAP, UploadError
 
-from .conftest import small_config
+from .conftest import small_config, tiny_yaml
+
 
 # augment: true makes every step read images, so rounds last long enough to be interrupted
-TINY = """
-seed: 3
-backbone: {model: fedclip-tiny-vit}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 4}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 16, test_per_class: 4, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 3
-  batch_size: 8
-  augment: true
-federation: {rounds: ROUNDS, fraction: 0.67, local_epochs: 1, eval_every: 5}
-fabric: {accelerator: cpu}
-"""
+def tiny_run(rounds: int) -> str:
+    return tiny_yaml(
+        {
+            "seed": 3,
+            "data.dataset.init_args.train_per_class": 16,
+            "data.num_clients": 3,
+            "data.augment": True,
+            "federation": {"rounds": rounds, "fraction": 0.67, "local_epochs": 1, "eval_every": 5},
+        }
+    )
 
 
 def write_config(tmp_path: Path, rounds: int) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.replace("ROUNDS", str(rounds)))
+    path.write_text(tiny_run(rounds))
     return path
 
 

@@ -30,6 +30,8 @@ from fedclip.cli import build_fit_config, fit_parser, main
 from fedclip.config import FitConfig, LoggerConfig
 from fedclip.metrics import base_to_novel_metrics, multilabel_metrics, summarize
 
+from .conftest import tiny_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 SWEEP_ID, RUN_ID = "swp0test", "run0test"
@@ -43,21 +45,7 @@ WANDB_INTERNAL = {
 }
 # The small base config the end-to-end tests substitute for a sweep's (like conftest's
 # small_config): 4 Shapes classes at 32 px, 2 clients, the tiny ViT with random weights.
-TINY = """
-backbone: {model: fedclip-tiny-vit, pretrained: null}
-learner:
-  class_path: fedclip.learners.TextualPrompt
-  init_args: {n_ctx: 4}
-data:
-  dataset:
-    class_path: fedclip.data.Shapes
-    init_args: {num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 32}
-  partitioner: {class_path: fedclip.data.IID}
-  num_clients: 2
-  batch_size: 8
-federation: {rounds: 1, local_epochs: 1}
-fabric: {accelerator: cpu}
-"""
+TINY = tiny_yaml({"backbone.pretrained": None, "federation.rounds": 1})
 
 
 def load_sweep(path: Path) -> dict[str, Any]:
