@@ -205,7 +205,7 @@ def write_results(fed, run_dir: Path) -> None:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    from fedclip.federation import RESUMABLE_KEYS, Federation, FederationError
+    from fedclip.federation import Federation, FederationError, without_resumable
 
     check_config_files(argv)
     parser = fit_parser()
@@ -232,15 +232,13 @@ def cmd_fit(argv: list[str]) -> int:
             "or choose another run_name"
         )
     if ns.resume:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = without_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        given = without_resumable(plain)
         changed = [
             d
-            for k in sorted(set(plain) | set(saved))
+            for k in sorted(set(given) | set(saved))
             if k not in {"federation", "logger"}
-            for d in _differences(saved.get(k), plain.get(k), k)
-            if not any(
-                d.startswith(f"{s}.{r} ") for s, keys in RESUMABLE_KEYS.items() for r in keys
-            )
+            for d in _differences(saved.get(k), given.get(k), k)
         ]
         if changed:
             shown = "; ".join(changed[:3]) + (

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -133,15 +134,18 @@ RESUMABLE_KEYS = {
 }
 
 
+def without_resumable(config: dict[str, Any]) -> dict[str, Any]:
+    """A plain config without the RESUMABLE_KEYS (the sections are copied, not changed)."""
+    core = dict(config)
+    for section, keys in RESUMABLE_KEYS.items():
+        core[section] = {k: v for k, v in (core.get(section) or {}).items() if k not in keys}
+    return core
+
+
 def config_fingerprint(config: dict[str, Any]) -> str:
     """Hash of what defines the computation (not where it is logged or how long it runs)."""
     volatile = {"output_dir", "run_name", "logger", "config", "resume", "__path__"}
-    core = {k: v for k, v in config.items() if k not in volatile}
-    for section, keys in RESUMABLE_KEYS.items():
-        part = dict(core.get(section) or {})
-        for key in keys:
-            part.pop(key, None)
-        core[section] = part
+    core = without_resumable({k: v for k, v in config.items() if k not in volatile})
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -247,6 +251,26 @@ def finish_round(
     metrics["traffic/down_bytes"] = float(turn["down"])
     metrics["traffic/up_bytes"] = float(turn["up"])
     metrics["traffic/sampled_clients"] = float(len(turn["sampled"]))
+    return metrics
+
+
+def close_round(
+    strategy: Strategy,
+    privacy: DifferentialPrivacy,
+    cfg: FitConfig,
+    rnd: int,
+    turn: dict[str, Any],
+    evaluate: Callable[[int], dict[str, float]],
+) -> dict[str, float]:
+    """The round's metrics once its clients are done: `finish_round`, then `evaluate(rnd)`
+    when an evaluation is due (every `eval_every` rounds and after the last), then
+    `time/round_s` (the clients' time in turn["elapsed"] plus this)."""
+    t0 = time.perf_counter()
+    metrics = finish_round(strategy, privacy, rnd, turn)
+    fed = cfg.federation
+    if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
+        metrics.update(evaluate(rnd))
+    metrics["time/round_s"] = turn["elapsed"] + time.perf_counter() - t0
     return metrics
 
 
@@ -738,12 +762,9 @@ class Federation:
                 self._run_distributed(rnd, turn, payloads, progress)
         finally:
             turn["elapsed"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = finish_round(self.strategy, self.privacy, rnd, turn)
-        fed = self.cfg.federation
-        if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
-            metrics.update(self.evaluation_metrics(rnd))
-        metrics["time/round_s"] = turn["elapsed"] + time.perf_counter() - t0
+        metrics = close_round(
+            self.strategy, self.privacy, self.cfg, rnd, turn, self.evaluation_metrics
+        )
         self.failures.extend(turn["failures"])
         self.partial = None
         return metrics

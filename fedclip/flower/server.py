@@ -1,6 +1,6 @@
 """The ServerApp: fedclip's round loop over a Flower Grid, each client's turn on its node.
 
-It does what `Federation.fit` does with the same helpers (`sample_clients`, `finish_round`,
+It does what `Federation.fit` does with the same helpers (`sample_clients`, `close_round`,
 `eval_metrics`, `run_summary`, ...): the same seeded client sampling, the strategy's
 per-client payloads, upload checks, aggregation, differential privacy, failure limits,
 per-round metrics named as in `fedclip fit`, the CSV log, summary.json and the round lines.
@@ -49,11 +49,11 @@ from fedclip.federation import (
     FederationError,
     check_config,
     check_failures,
+    close_round,
     commit_outcome,
     config_fingerprint,
     eval_metrics,
     failure_reason,
-    finish_round,
     new_turn,
     run_summary,
     sample_clients,
@@ -367,12 +367,9 @@ class FlowerFederation:
             progress.client_done(k)
         check_failures(rnd, turn, self.cfg.federation.max_client_failures)
         turn["elapsed"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = finish_round(self.strategy, self.privacy, rnd, turn)
-        fed = self.cfg.federation
-        if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
-            metrics.update(self.evaluation_metrics(rnd))
-        metrics["time/round_s"] = turn["elapsed"] + time.perf_counter() - t0
+        metrics = close_round(
+            self.strategy, self.privacy, self.cfg, rnd, turn, self.evaluation_metrics
+        )
         self.failures.extend(turn["failures"])
         return metrics
 
