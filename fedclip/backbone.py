@@ -22,15 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedclip.errors import BackboneError
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 _LOADED: dict[tuple, FrozenCLIP] = {}
-
-
-class BackboneError(ValueError):
-    """The backbone cannot be built as configured; the message is one line with the fix."""
 
 
 def register_model_configs() -> None:

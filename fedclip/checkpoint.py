@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
+from fedclip.errors import CheckpointError
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FORMAT = "fedclip-federation"
 VERSION = 2  # 2: failures, the round in progress and privacy state
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, foreign or unsafe; the message is one line."""
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

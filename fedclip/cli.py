@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from fedclip.checkpoint import atomic_path, write_text_atomic
 from fedclip.config import FitConfig
 from fedclip.data.datasets import DatasetSource
+from fedclip.errors import UsageError
 from fedclip.export import cmd_export
 from fedclip.sweeps import (
     configure_sweep_run,
@@ -39,10 +40,6 @@ DEFAULTS = {
     "data.dataset": {"class_path": "fedclip.data.Shapes"},
     "data.partitioner": {"class_path": "fedclip.data.Dirichlet"},
 }
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 def fit_parser() -> ArgumentParser:

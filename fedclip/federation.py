@@ -50,6 +50,7 @@ from fedclip.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 from fedclip.client import ClientModule
 from fedclip.config import FitConfig
 from fedclip.data.federated import FederatedData
+from fedclip.errors import ClientFailure, FederationError
 from fedclip.interrupt import GracefulStop
 from fedclip.metrics import (
     base_to_novel_metrics,
@@ -66,14 +67,6 @@ log = logging.getLogger(__name__)
 # On resume the CSV logger starts its file anew and the checkpointed history is replayed
 # into it, so its warning about replacing the old file does not apply.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-
-
-class FederationError(RuntimeError):
-    """The federation cannot go on (too many failed clients in a round); one line."""
-
-
-class ClientFailure(Exception):
-    """One client's local work failed (e.g. a non-finite loss): its round is dropped."""
 
 
 class _Stopped(Exception):

@@ -23,11 +23,9 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
+from fedclip.errors import DataError
+
 SPLITS = ("train", "test")
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message is one line naming the data set, the path and the fix."""
 
 
 def _check_split(split: str) -> None:

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fedclip.batch import Batch
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
 from fedclip.interrupt import ignore_stop_signals
-from fedclip.learners.base import Batch
 
 
 @dataclass

@@ -24,6 +24,7 @@ from fedclip.backbone import load_backbone
 from fedclip.cli import build_fit_config, fit_parser
 from fedclip.config import FitConfig
 from fedclip.data.federated import FederatedData
+from fedclip.errors import NodeConfigError
 from fedclip.federation import Federation, check_config, failure_reason
 from fedclip.privacy import DifferentialPrivacy
 from fedclip.strategies.base import Payload
@@ -31,10 +32,6 @@ from fedclip.strategies.base import Payload
 CLIENT_ID = "client-id"
 DATA_ROOT = "data-root"
 SIMULATION_ID = "partition-id"  # what Flower's simulation gives each node instead
-
-
-class NodeConfigError(ValueError):
-    """A node's settings do not fit the run (one line, shown by the server)."""
 
 
 def node_identity(node_config: Mapping[str, Any]) -> tuple[int, str | None]:

@@ -45,6 +45,7 @@ from fedclip.cli import (
     write_results,
 )
 from fedclip.config import FitConfig
+from fedclip.errors import FlowerSetupError
 from fedclip.federation import (
     FederationError,
     check_config,
@@ -80,10 +81,6 @@ from fedclip.report import write_partition
 from fedclip.strategies.base import UploadError
 
 POLL_S = 0.2  # between pulls of replies (Grid.send_and_receive waits 3 s between pulls)
-
-
-class FlowerSetupError(RuntimeError):
-    """The federation cannot start on the connected nodes (one line)."""
 
 
 @dataclass

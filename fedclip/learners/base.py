@@ -29,33 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
-
-
-@dataclass
-class Batch:
-    """One mini-batch: raw images or cached frozen features (or both), labels, sample ids."""
-
-    labels: Tensor  # (B,) int64 class ids; multi-label: (B, C) float 0/1 targets
-    index: Tensor  # (B,) sample ids in the base data set
-    images: Tensor | None = None  # (B, 3, H, W)
-    features: Tensor | None = None  # (B, D) normalised frozen image features
-    # (B, 2, D) frozen features of the image and of its horizontal flip (consistency targets)
-    targets: Tensor | None = None
-
-    def to(self, device: torch.device) -> Batch:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return Batch(
-            move(self.labels),
-            move(self.index),
-            move(self.images),
-            move(self.features),
-            move(self.targets),
-        )
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
+from fedclip.batch import Batch
 
 
 @dataclass

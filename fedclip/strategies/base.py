@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from fedclip.errors import UploadError
+
 
 @dataclass
 class Payload:
@@ -37,10 +39,6 @@ class ClientResult:
     state: dict[str, Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-class UploadError(ValueError):
-    """An upload that must not be aggregated (unknown key, wrong shape or dtype, NaN/inf)."""
 
 
 class Strategy(abc.ABC):
