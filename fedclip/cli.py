@@ -80,7 +80,7 @@ def evaluate_parser() -> ArgumentParser:
     return parser
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 
 
@@ -201,8 +201,28 @@ def write_results(fed, run_dir: Path) -> None:
         plot_curves(fed.history, tmp)
 
 
+def check_resume(run_dir: Path, plain: dict[str, Any]) -> None:
+    """A resumed run's config must equal the saved one but for the resumable keys; the
+    message names every key that differs with its saved and given values."""
+    from fedclip.federation import without_resumable
+
+    saved = without_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    given = without_resumable(plain)
+    changed = [
+        d
+        for k in sorted(set(given) | set(saved))
+        if k not in {"federation", "logger"}
+        for d in _differences(saved.get(k), given.get(k), k)
+    ]
+    if changed:
+        shown = "; ".join(changed[:3]) + (
+            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")
+
+
 def cmd_fit(argv: list[str]) -> int:
-    from fedclip.federation import Federation, FederationError, without_resumable
+    from fedclip.federation import Federation, FederationError
 
     check_config_files(argv)
     parser = fit_parser()
@@ -229,19 +249,7 @@ def cmd_fit(argv: list[str]) -> int:
             "or choose another run_name"
         )
     if ns.resume:
-        saved = without_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        given = without_resumable(plain)
-        changed = [
-            d
-            for k in sorted(set(given) | set(saved))
-            if k not in {"federation", "logger"}
-            for d in _differences(saved.get(k), given.get(k), k)
-        ]
-        if changed:
-            shown = "; ".join(changed[:3]) + (
-                f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
-            )
-            raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")
+        check_resume(run_dir, plain)
     fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
     if ns.resume:
         fed.load(ckpt)  # a corrupt or foreign checkpoint stops here, before anything is written
@@ -265,13 +273,19 @@ def cmd_fit(argv: list[str]) -> int:
         return 130
     except FederationError as e:
         fed.close(1)
+        client_tb = getattr(e, "client_traceback", None)
+        if main_rank and client_tb:  # the last failing client's traceback (all: run.log)
+            print(client_tb.rstrip("\n"), file=sys.stderr)
         if main_rank:
             print(
-                f"fedclip fit: stopped: {_one_line(str(e))}; the round so far is in {ckpt} "
+                f"fedclip fit: stopped: {one_line(str(e))}; the round so far is in {ckpt} "
                 f"(continue: {resume_hint}, e.g. with a higher federation.max_client_failures)",
                 file=sys.stderr,
             )
         return 1
+    except BaseException:
+        fed.close(1)  # a bug: loggers closed as failed, the last checkpoint intact
+        raise
     code = 128 + fed.stopped_by if fed.stopped_by is not None else 0
     if not main_rank:
         fed.close(code)
@@ -399,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         if os.environ.get("FEDCLIP_DEBUG"):
             raise
-        print(f"fedclip {argv[0]}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"fedclip {argv[0]}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
 
 

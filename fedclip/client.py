@@ -1,7 +1,14 @@
-"""ClientModule: one federated client as a LightningModule (frozen backbone + its learner)."""
+"""ClientModule: one federated client as a LightningModule (frozen backbone + its learner).
+
+Terms a strategy asks every client to add to its loss (FedProx's proximal term) arrive as
+declared payload extras and are applied here generically (`RUNTIME_TERMS`): the client
+never knows which strategy sent them, and learners never see them.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -9,12 +16,38 @@ import torch
 from torch import Tensor
 
 from fedclip.backbone import FrozenCLIP
-from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.batch import Batch
+from fedclip.learners.base import OptimConfig, PromptLearner
 from fedclip.metrics import client_metric
 from fedclip.strategies.base import Payload
 
-# Payload extras the client consumes itself instead of handing them to the learner.
-CLIENT_EXTRAS = {"proximal_mu"}
+
+def proximal_term(mu: float, learner: PromptLearner) -> Callable[[], Tensor] | None:
+    """mu/2 * ||w - w_download||^2 over the shared tensors the client just downloaded
+    (Li et al., MLSys 2020); None when mu is 0."""
+    mu = float(mu)
+    if mu == 0.0:
+        return None
+    anchor = {k: v.detach().clone() for k, v in learner.shared_state().items()}
+
+    def term() -> Tensor:
+        params = dict(learner.named_parameters())
+        return (
+            0.5 * mu * sum(((params[k] - a) ** 2).sum() for k, a in anchor.items() if k in params)
+        )
+
+    return term
+
+
+# Payload extras the client runtime applies itself: name -> builder of a loss term.
+RUNTIME_TERMS: dict[str, Callable[[Any, PromptLearner], Callable[[], Tensor] | None]] = {
+    "proximal_mu": proximal_term,
+}
+
+
+def runtime_terms() -> frozenset[str]:
+    """The payload extras every client accepts whatever its learner."""
+    return frozenset(RUNTIME_TERMS)
 
 
 class ClientModule(L.LightningModule):
@@ -42,24 +75,21 @@ class ClientModule(L.LightningModule):
         self.steps_per_round = steps_per_round
         self.rounds = rounds
         self.accuracy = client_metric(learner.num_classes)
-        self.proximal_mu = 0.0
-        self._anchor: dict[str, Tensor] | None = None
+        self.loss_terms: list[Callable[[], Tensor]] = []
         self.optimizer_pairs: list[tuple[torch.optim.Optimizer, Any]] | None = None
 
     # ---- federation hooks --------------------------------------------------------------
     def receive(self, payload: Payload | None) -> None:
-        """Load a download: the global shared state and any extras."""
+        """Load a download: the global shared state, the runtime's loss terms and the
+        learner's extras."""
         if payload is None:
             return
         if payload.state is not None:
             self.learner.load_shared_state({k: v.to(self.device) for k, v in payload.state.items()})
         extras = dict(payload.extras)
-        self.proximal_mu = float(extras.pop("proximal_mu", 0.0))
-        self._anchor = (
-            {k: v.detach().clone() for k, v in self.learner.shared_state().items()}
-            if self.proximal_mu > 0
-            else None
-        )
+        terms = [RUNTIME_TERMS[name](extras.pop(name), self.learner) for name in list(extras)
+                 if name in RUNTIME_TERMS]  # fmt: skip
+        self.loss_terms = [t for t in terms if t is not None]
         self.learner.receive(extras)
 
     def wanted(self, payload: Payload | None) -> Payload | None:
@@ -80,10 +110,8 @@ class ClientModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.learner.training_loss(batch)
-        if self._anchor is not None:
-            params = dict(self.learner.named_parameters())
-            prox = sum(((params[k] - a) ** 2).sum() for k, a in self._anchor.items() if k in params)
-            loss = loss + 0.5 * self.proximal_mu * prox
+        for term in self.loss_terms:
+            loss = loss + term()
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -97,6 +125,19 @@ class ClientModule(L.LightningModule):
                 self.optim_cfg, self.steps_per_round, self.rounds
             )
         return self.optimizer_pairs
+
+    def rebuild_optimizers(self) -> None:
+        """New optimizers for a changed trainable set (momentum starts afresh: the tensors
+        are new), with every schedule continued from the step the old one had reached."""
+        old = self.optimizer_pairs or []
+        position = max((sched.last_epoch for _, sched in old), default=0)
+        self.optimizer_pairs = None
+        pairs = self.configure_optimizers()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _, sched in pairs:
+                for _ in range(position - sched.last_epoch):
+                    sched.step()
 
     # ---- personal state for checkpoints ----------------------------------------------------
     def client_state(self) -> dict[str, Any]:

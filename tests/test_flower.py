@@ -480,7 +480,7 @@ def test_superlink_and_two_supernodes_equal_fedclip_fit(tmp_path):
         local = reference(config)
     finally:
         torch.set_num_threads(threads)
-    server = torch.load(run_dir / "checkpoints" / "server.ckpt", weights_only=True)
+    server = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert_same_state(server["strategy"]["global_state"], local.strategy.global_state)
     assert without_time(server["history"]) == without_time(local.history)
     summary = json.loads((run_dir / "summary.json").read_text())

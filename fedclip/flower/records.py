@@ -5,14 +5,19 @@ in MetricRecords, everything else in ConfigRecords (short JSON where the shape i
 Each `*_record(s)` function has a `read_*` inverse, and a round trip gives back equal values
 (floats bit for bit), so the server sees exactly what the in-process loop would.
 
-Server to node, every message: "fedclip" (the resolved config, its fingerprint, the round);
-train and evaluate messages add the client's Payload ("payload.*"). Node to server: the
-describe reply ("initial", "info"), the train reply ("upload", "turn", "metrics",
-"result_metrics", "turn.meta") and the evaluate reply ("eval", "eval.meta").
+Server to node, every message: "fedclip" (the resolved config, its fingerprint, the round,
+the digest of the client's personal state as the server holds it); train and evaluate
+messages add the client's Payload ("payload.*"), and, when the node must be given its state
+(after a resume, or a node that lost it), "state". Node to server: the describe reply
+("initial", "info"), the train reply ("upload", "turn", "metrics", "result_metrics",
+"turn.meta") and the evaluate reply ("eval", "eval.meta"); every reply adds "state", the
+client's personal state after the message, which the server keeps for its checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from typing import Any
 
@@ -20,6 +25,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from fedclip.federation.records import ClientOutcome, Upload
 from fedclip.flower._flwr import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedclip.strategies.base import Payload
 
@@ -41,16 +47,27 @@ def read_tensors(record: ArrayRecord) -> dict[str, Tensor]:
 
 
 # ---- server to node ----------------------------------------------------------------------------
-def header_record(plain: dict[str, Any], fingerprint: str, rnd: int) -> ConfigRecord:
-    """The resolved run config (nodes need no file), its fingerprint and the round."""
+def header_record(
+    plain: dict[str, Any], fingerprint: str, rnd: int, state_digest: str = ""
+) -> ConfigRecord:
+    """The resolved run config (nodes need no file), its fingerprint, the round, and the
+    digest of the personal state the server holds for the node's client ("" before the
+    node first answered)."""
     config = yaml.safe_dump(plain, sort_keys=False)
-    return ConfigRecord({"config": config, "fingerprint": fingerprint, "round": int(rnd)})
+    return ConfigRecord(
+        {"config": config, "fingerprint": fingerprint, "round": int(rnd), "digest": state_digest}
+    )
 
 
-def read_header(content: RecordDict) -> tuple[dict[str, Any], str, int]:
-    """(plain config, fingerprint, round) of `header_record`."""
+def read_header(content: RecordDict) -> tuple[dict[str, Any], str, int, str]:
+    """(plain config, fingerprint, round, state digest) of `header_record`."""
     header = content["fedclip"]
-    return yaml.safe_load(header["config"]), str(header["fingerprint"]), int(header["round"])
+    return (
+        yaml.safe_load(header["config"]),
+        str(header["fingerprint"]),
+        int(header["round"]),
+        str(header["digest"]),
+    )
 
 
 def put_payload(content: RecordDict, payload: Payload | None) -> None:
@@ -98,9 +115,41 @@ def read_payload(content: RecordDict) -> Payload | None:
     return Payload(state=state, extras=extras)
 
 
+# ---- personal state ----------------------------------------------------------------------------
+def state_bytes(state: dict[str, Any]) -> bytes:
+    """A client's personal state (learner, optimizers, schedulers), serialised."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def read_state_bytes(data: bytes) -> dict[str, Any]:
+    """The state of `state_bytes` (plain tensors and containers only: weights_only)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def digest(data: bytes) -> str:
+    """What identifies a personal state: the SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_state(content: RecordDict, data: bytes) -> None:
+    """Attach a client's personal state to a message (server to node after a resume, or a
+    node's reply)."""
+    content["state"] = ConfigRecord({"bytes": data, "digest": digest(data)})
+
+
+def read_state(content: RecordDict) -> tuple[bytes, str] | None:
+    """(bytes, digest) of `put_state`, or None when the message carries no state."""
+    if "state" not in content:
+        return None
+    record = content["state"]
+    return bytes(record["bytes"]), str(record["digest"])
+
+
 # ---- node to server ----------------------------------------------------------------------------
 def describe_record(info: dict[str, Any]) -> RecordDict:
-    """A node's answer to the set-up query (`NodeFederation.describe`)."""
+    """A node's answer to the set-up query (`NodeClient.describe`)."""
     rest = {k: v for k, v in info.items() if k != "initial"}
     return RecordDict(
         {
@@ -116,53 +165,61 @@ def read_describe(content: RecordDict) -> dict[str, Any]:
     return info
 
 
-def turn_record(out: dict[str, Any], error: str | None, experts: list[int] | None) -> RecordDict:
-    """A client's turn (`Federation.client_turn`'s record, its failure reason, and the
-    experts it now holds) as a reply."""
-    counts = {key: out[key] for key in ("down", "up", "loss") if key in out}
-    meta: dict[str, Any] = {"released": bool(out.get("released", False))}
-    if error is not None:
-        meta["error"] = error
-    if experts is not None:
-        meta["experts"] = json.dumps(experts)
+def stale_record() -> RecordDict:
+    """A node's reply when it does not hold the personal state the server expects (it
+    restarted, or the server resumed from a checkpoint) and the message carries none."""
+    return RecordDict({"stale": ConfigRecord({"stale": True})})
+
+
+def is_stale(content: RecordDict) -> bool:
+    return "stale" in content
+
+
+def turn_record(outcome: ClientOutcome) -> RecordDict:
+    """A client's turn (`ClientRuntime.turn`) as a reply."""
+    counts = {"down": outcome.down, "up": outcome.up, "loss": outcome.loss}
+    meta: dict[str, Any] = {"released": outcome.released, "report": json.dumps(outcome.report)}
+    if outcome.error is not None:
+        meta["error"] = outcome.error
+        meta["traceback"] = outcome.traceback or ""
     content = RecordDict(
-        {"turn": MetricRecord(counts), "metrics": MetricRecord(dict(out["metrics"]))}
+        {"turn": MetricRecord(counts), "metrics": MetricRecord(dict(outcome.metrics))}
     )
-    result = out.get("result")
-    if result is not None:
-        content["upload"] = tensors_record(result["state"])
+    if outcome.upload is not None:
+        content["upload"] = tensors_record(outcome.upload.state)
         content["result_metrics"] = MetricRecord(
-            {**result["metrics"], "num_samples": int(result["num_samples"])}
+            {**outcome.upload.metrics, "num_samples": int(outcome.upload.num_samples)}
         )
     content["turn.meta"] = ConfigRecord(meta)
     return content
 
 
-def read_turn(content: RecordDict) -> tuple[dict[str, Any], str | None, list[int] | None]:
-    """(turn record, failure reason or None, experts or None) of `turn_record`."""
-    out: dict[str, Any] = {"metrics": dict(content["metrics"])}
-    out.update(content["turn"])
+def read_turn(content: RecordDict, client: int) -> ClientOutcome:
+    """The ClientOutcome of `turn_record`."""
+    counts = content["turn"]
     meta = content["turn.meta"]
-    if meta["released"]:
-        out["released"] = True
+    outcome = ClientOutcome(
+        client,
+        down=int(counts["down"]),
+        up=int(counts["up"]),
+        loss=float(counts["loss"]),
+        metrics=dict(content["metrics"]),
+        released=bool(meta["released"]),
+        error=meta.get("error"),
+        traceback=meta.get("traceback") or None,
+        report=json.loads(meta["report"]),
+    )
     if "upload" in content:
         metrics = dict(content["result_metrics"])
         num_samples = int(metrics.pop("num_samples"))
-        out["result"] = {
-            "state": read_tensors(content["upload"]),
-            "num_samples": num_samples,
-            "metrics": metrics,
-        }
-    experts = json.loads(meta["experts"]) if "experts" in meta else None
-    return out, meta.get("error"), experts
+        outcome.upload = Upload(read_tensors(content["upload"]), num_samples, metrics)
+    return outcome
 
 
-def eval_record(result: Any, experts: list[int] | None) -> RecordDict:
-    """A client's evaluation (`Federation.evaluate_one`) as a reply: an accuracy, the
+def eval_record(result: Any, report: dict[str, Any]) -> RecordDict:
+    """A client's evaluation (`ClientRuntime.evaluate_one`) as a reply: an accuracy, the
     base-to-novel (correct, total) pairs, or multi-label (scores, targets)."""
-    meta: dict[str, Any] = {}
-    if experts is not None:
-        meta["experts"] = json.dumps(experts)
+    meta: dict[str, Any] = {"report": json.dumps(report)}
     if isinstance(result, tuple):
         scores, targets = result
         meta["kind"] = "multilabel"
@@ -176,14 +233,14 @@ def eval_record(result: Any, experts: list[int] | None) -> RecordDict:
     return RecordDict({"eval": record, "eval.meta": ConfigRecord(meta)})
 
 
-def read_eval(content: RecordDict) -> tuple[Any, list[int] | None]:
-    """(evaluation result, experts or None) of `eval_record`."""
+def read_eval(content: RecordDict) -> tuple[Any, dict[str, Any]]:
+    """(evaluation result, the learner's report) of `eval_record`."""
     meta = content["eval.meta"]
-    experts = json.loads(meta["experts"]) if "experts" in meta else None
+    report = json.loads(meta["report"])
     record = content["eval"]
     if meta["kind"] == "multilabel":
         tensors = read_tensors(record)
-        return (tensors["scores"], tensors["targets"]), experts
+        return (tensors["scores"], tensors["targets"]), report
     if meta["kind"] == "base_to_novel":
-        return {k: (int(v[0]), int(v[1])) for k, v in record.items()}, experts
-    return float(record["acc"]), experts
+        return {k: (int(v[0]), int(v[1])) for k, v in record.items()}, report
+    return float(record["acc"]), report

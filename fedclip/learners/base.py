@@ -1,17 +1,28 @@
 """PromptLearner: the extension point for prompt-learning methods.
 
-The contract, kept small:
+The contract (every method implements or inherits each part; nothing is guessed):
 
 - `setup(clip, classnames, seed)` binds the learner to the shared frozen backbone and the
-  class names, and builds its parameters (deterministic in `seed`).
-- `forward(batch) -> logits (B, C)`, `loss(logits, batch) -> scalar`.
-- `shared_state() -> dict[str, Tensor]`: exactly what is uploaded to the server.
-  `load_shared_state(state)` loads a downloaded global state (a subset of those keys, same
-  shapes); a client downloads only the tensors it shares.
-- `receive(extras)`: learner-specific extra downloads (pFedMoAP's experts); the default
-  accepts none.
-- Everything else in the module is personal state: it stays on the client, persists across
-  rounds and is saved in checkpoints.
+  class names, and builds its parameters (deterministic in `seed`). Learners are built by
+  one factory, `make_learner`, in the round loop, on a Flower node and for exports alike.
+- `inputs`: the `Input`s its batches must hold (pooled cached features by default; raw
+  images, cached dense tokens, flip targets); the data layer feeds exactly those.
+- `forward(batch) -> logits (B, C)`, `training_loss(batch) -> scalar`.
+- `shared_keys()`: the tensors that are uploaded, declared by every learner (there is no
+  default: a personalised method that forgot would upload its personal part), and
+  `personal_keys()`: the trainable tensors that never leave the client. Every trainable
+  tensor is in exactly one of the two (`check_contract`). `load_shared_state(state)` loads
+  a download (a subset of the shared keys, same shapes).
+- `accepts_extras` / `receive(extras)`: the learner-specific downloads it takes (pFedMoAP's
+  experts); a strategy that sends an extra no learner accepts is refused at config time.
+- `report()`: the learner's own per-round values (numbers are logged as `client/K/NAME`,
+  lists of ids go to the summary's client rows).
+- `end_of_round(loss) -> bool`: True when the trainable set changed (the client then
+  rebuilds its optimizers; the schedule continues where it was).
+- `invalidate_cache()`: drop what was derived from the current prompts (after loading
+  tensors from outside).
+- Everything not shared is personal state: it stays on the client, persists across rounds
+  and is saved in checkpoints (parameters, buffers, `get_extra_state`).
 
 The backbone is held by reference, never registered as a submodule, so it is neither
 copied, trained, nor written into the learner's state_dict.
@@ -19,6 +30,7 @@ copied, trained, nor written into the learner's state_dict.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
-from fedclip.batch import Batch
+from fedclip.batch import Batch, Input
 
 
 @dataclass
@@ -140,17 +152,23 @@ def asymmetric_loss(
     return -(pos + neg).sum(-1).mean()
 
 
+class ContractError(TypeError):
+    """A learner breaks the PromptLearner contract (a bug in the learner, not bad input)."""
+
+
 class PromptLearner(nn.Module):
     """Base class of prompt learners (see the module docstring for the contract).
 
-    Subclasses set `needs_images = True` when they change the image path (then raw images
-    are fed and the frozen feature cache is not used), and `flip_targets = True` to get the
-    frozen features of each training image and of its horizontal flip in `Batch.targets`
-    (cached once per sample when no random augmentation is on).
+    inputs: what its batches hold (see `fedclip.batch.Input`).
+    accepts_extras: the payload extras `receive` takes.
+    supports_multilabel / supports_base_to_novel: whether the learner can run those tasks;
+    a config that asks for one it cannot is refused with one line.
     """
 
-    needs_images: ClassVar[bool] = False
-    flip_targets: ClassVar[bool] = False
+    inputs: ClassVar[frozenset[Input]] = frozenset({Input.FEATURES})
+    accepts_extras: ClassVar[frozenset[str]] = frozenset()
+    supports_multilabel: ClassVar[bool] = True
+    supports_base_to_novel: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -266,10 +284,33 @@ class PromptLearner(nn.Module):
         optimizers)."""
         return False
 
+    def invalidate_cache(self) -> None:
+        """Forget the class features computed from the current prompts (call it after
+        changing tensors from outside)."""
+        self._eval_text = None
+
+    def report(self) -> dict[str, Any]:
+        """The learner's own values after a round (e.g. a phase, a cost, the ids of the
+        experts it holds): numbers are logged as `client/K/NAME` for the round, lists of
+        ints are shown in the summary's client rows. Default: none."""
+        return {}
+
     # ---- what travels ------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
-        """Names (as in state_dict) of the tensors that are uploaded."""
-        return [n for n, p in self.named_parameters() if p.requires_grad]
+        """Names (as in state_dict) of the tensors that are uploaded now. Every learner
+        declares them; there is no default."""
+        raise ContractError(
+            f"{type(self).__name__} must declare what it uploads: override shared_keys()"
+        )
+
+    def personal_keys(self) -> list[str]:
+        """Names of the trainable parameters that never leave the client (default: none)."""
+        return []
+
+    def upload_schema(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every tensor this learner may ever upload (all its
+        parameters: a learner may switch which of them it shares)."""
+        return {n: (tuple(p.shape), p.dtype) for n, p in self.named_parameters()}
 
     def shared_state(self) -> dict[str, Tensor]:
         sd = self.state_dict()
@@ -313,3 +354,44 @@ class PromptLearner(nn.Module):
         """One (optimizer, per-step scheduler) pair per parameter group that has its own
         optimiser. The default trains every trainable parameter with `optim`."""
         return [optimizer_for(list(self.trainable_parameters()), optim, steps_per_round, rounds)]
+
+
+def check_contract(learner: PromptLearner) -> None:
+    """Raise ContractError when the learner's declarations do not cover its trainables:
+    every trainable parameter must be shared or personal, never both, and every shared key
+    must name a tensor of its state."""
+    name = type(learner).__name__
+    shared, personal = set(learner.shared_keys()), set(learner.personal_keys())
+    both = sorted(shared & personal)
+    if both:
+        raise ContractError(f"{name}: {both} declared both shared and personal")
+    state = learner.state_dict()
+    unknown = sorted(shared - set(state))
+    if unknown:
+        raise ContractError(f"{name}: shared keys {unknown} are not in its state_dict")
+    trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
+    undeclared = sorted(trainable - shared - personal)
+    if undeclared:
+        raise ContractError(
+            f"{name}: trainable {undeclared} are neither in shared_keys() nor in "
+            "personal_keys(); declare where each goes"
+        )
+
+
+def make_learner(
+    template: PromptLearner,
+    clip: FrozenCLIP,
+    classnames: list[str],
+    seed: int,
+    multilabel: bool = False,
+    multilabel_cfg: MultiLabelConfig | None = None,
+    device: torch.device | str | None = None,
+) -> PromptLearner:
+    """The one factory of learners: a copy of the config's `template` (never set up
+    itself), set to the task, set up on `clip` and `classnames`, its contract checked, on
+    `device` (default: the backbone's)."""
+    learner = copy.deepcopy(template)
+    learner.set_task(multilabel, multilabel_cfg)
+    learner.setup(clip, classnames, seed)
+    check_contract(learner)
+    return learner.to(device if device is not None else clip.device)

@@ -122,6 +122,8 @@ class MixtureOfPrompts(TextualPrompt):
         gating_weight_decay: SGD weight decay of the gating network.
     """
 
+    accepts_extras = frozenset({"experts", "expert_ids"})
+
     def __init__(
         self,
         n_ctx: int = 16,
@@ -266,6 +268,14 @@ class MixtureOfPrompts(TextualPrompt):
     # ---- what travels ------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
         return ["ctx", "ctx_neg"] if self.multilabel else ["ctx"]
+
+    def personal_keys(self) -> list[str]:
+        """The gating network never leaves the client."""
+        return [f"gating.{n}" for n, _ in self.gating.named_parameters()]
+
+    def report(self) -> dict[str, Any]:
+        """The client ids of the experts the client holds now."""
+        return {"experts": [int(i) for i in self.expert_ids]}
 
     def get_extra_state(self) -> dict[str, Tensor]:
         state = {"expert_ids": torch.tensor(self.expert_ids, dtype=torch.int64)}

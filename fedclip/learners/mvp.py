@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
+from fedclip.batch import Input
 from fedclip.data.attributes import (
     DEFAULT_TEMPLATE,
     FALLBACK_TEMPLATES,
@@ -146,8 +147,7 @@ class FedMVP(PromptLearner):
         negative_template: multi-label only: the frozen negative prompt of a class.
     """
 
-    needs_images = True
-    flip_targets = True
+    inputs = frozenset({Input.IMAGES, Input.FLIP_TARGETS})
 
     def __init__(
         self,
@@ -321,6 +321,15 @@ class FedMVP(PromptLearner):
             )
             return True
         return False
+
+    def shared_keys(self) -> list[str]:
+        """Every PromptFormer tensor that trains now (all but the LoRA factors before the
+        switch, only the LoRA factors after it): FedMVP has no personal part."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def report(self) -> dict[str, Any]:
+        """1.0 once the client trains the LoRA factors, else 0.0."""
+        return {"lora_phase": float(self.lora_phase)}
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -210,6 +210,10 @@ class TextualPrompt(PromptLearner):
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
 
+    def shared_keys(self) -> list[str]:
+        """The context (and the negative context of multi-label tasks)."""
+        return ["ctx", "ctx_neg"] if self.multilabel else ["ctx"]
+
 
 class ZeroShot(PromptLearner):
     """Zero-shot CLIP: hand-written templates, nothing trained, nothing sent (the baseline row).
@@ -254,3 +258,6 @@ class ZeroShot(PromptLearner):
 
     def text_features(self) -> Tensor:
         return self.class_features
+
+    def shared_keys(self) -> list[str]:
+        return []  # nothing is learnt

@@ -41,16 +41,53 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def check_upload(
+    state: Any,
+    schema: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    expected_keys: list[str] | None = None,
+) -> dict[str, Tensor]:
+    """Check one upload; raise UploadError naming the first problem.
+
+    Every entry must be a tensor the schema ({name: (shape, dtype)}) knows, with its shape
+    and dtype, holding only finite values; with `expected_keys` (what the sender declares it
+    shares), none of them may be missing.
+    """
+    if not isinstance(state, dict):
+        raise UploadError(f"the upload is a {type(state).__name__}, not a dict of tensors")
+    for key, tensor in state.items():
+        if key not in schema:
+            raise UploadError(f"unknown tensor {key!r}")
+        if not isinstance(tensor, Tensor):
+            raise UploadError(f"{key!r} is a {type(tensor).__name__}, not a tensor")
+        shape, dtype = schema[key]
+        if tuple(tensor.shape) != tuple(shape):
+            raise UploadError(f"{key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        if tensor.dtype != dtype:
+            raise UploadError(f"{key!r} has dtype {tensor.dtype}, expected {dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UploadError(f"{key!r} holds NaN or inf")
+    missing = sorted(set(expected_keys or ()) - set(state))
+    if missing:
+        raise UploadError(f"missing tensors {missing}")
+    return state
+
+
 class Strategy(abc.ABC):
     """Base of federation strategies; subclasses call super() where they extend.
 
     `collects_uploads` False means clients send nothing (local-only training).
     `releases_uploads` True means individual uploads leave the server (e.g. as other
     clients' experts), so only noise added by the clients themselves can protect them.
+    `sends_extras` names the payload extras it sends; each must be accepted by the learner
+    (`PromptLearner.accepts_extras`) or applied by the client runtime (a loss term such as
+    FedProx's `proximal_mu`), which is checked when the config is built.
+    `aggregate`'s returned global state is the truth: nothing outside a strategy writes its
+    fields (wrappers such as `CentralDP` hold the strategy they wrap).
     """
 
     collects_uploads: ClassVar[bool] = True
     releases_uploads: ClassVar[bool] = False
+    sends_extras: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         self.global_state: dict[str, Tensor] | None = None
@@ -68,41 +105,27 @@ class Strategy(abc.ABC):
         """Called once before round 0 with the common initial shared state.
 
         schema: every tensor a client may ever upload (e.g. all of the learner's parameters,
-        including LoRA factors shared only later), for `validate_upload`; default: the
-        initial state's tensors.
+        including LoRA factors shared only later), as tensors or (shape, dtype) pairs, for
+        `validate_upload`; default: the initial state's tensors.
         """
         self.global_state = {k: v.detach().cpu().clone() for k, v in initial_state.items()}
-        self.schema = {k: (tuple(v.shape), v.dtype) for k, v in (schema or initial_state).items()}
+        self.schema = {
+            k: (tuple(v.shape), v.dtype) if isinstance(v, Tensor) else (tuple(v[0]), v[1])
+            for k, v in (schema or initial_state).items()
+        }
         self.num_clients = num_clients
         self.seed = seed
 
     def validate_upload(
         self, state: Any, expected_keys: list[str] | None = None
     ) -> dict[str, Tensor]:
-        """Check one upload before aggregation; raise UploadError naming the first problem.
+        """`check_upload` against this strategy's schema (every tensor a client may upload)."""
+        return check_upload(state, self.schema, expected_keys)
 
-        Every entry must be a tensor the schema knows, with its shape and dtype, holding
-        only finite values; with `expected_keys` (what the sender said it shares), none of
-        them may be missing.
-        """
-        if not isinstance(state, dict):
-            raise UploadError(f"the upload is a {type(state).__name__}, not a dict of tensors")
-        for key, tensor in state.items():
-            if key not in self.schema:
-                raise UploadError(f"unknown tensor {key!r}")
-            if not isinstance(tensor, Tensor):
-                raise UploadError(f"{key!r} is a {type(tensor).__name__}, not a tensor")
-            shape, dtype = self.schema[key]
-            if tuple(tensor.shape) != shape:
-                raise UploadError(f"{key!r} has shape {tuple(tensor.shape)}, expected {shape}")
-            if tensor.dtype != dtype:
-                raise UploadError(f"{key!r} has dtype {tensor.dtype}, expected {dtype}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise UploadError(f"{key!r} holds NaN or inf")
-        missing = sorted(set(expected_keys or ()) - set(state))
-        if missing:
-            raise UploadError(f"missing tensors {missing}")
-        return state
+    def uniform_mean(self) -> bool:
+        """True when `aggregate` is the uniform mean of the uploads (what central DP's noise
+        is calibrated to). Default: False."""
+        return False
 
     def check_learner(self, learner: Any) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if this strategy cannot federate `learner` (called once, early)."""

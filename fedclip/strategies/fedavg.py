@@ -47,6 +47,9 @@ class FedAvg(Strategy):
         super().__init__()
         self.weighted = weighted
 
+    def uniform_mean(self) -> bool:
+        return not self.weighted
+
     def configure_round(self, rnd: int, sampled: list[int]) -> dict[int, Payload]:
         return {k: Payload(state=self.global_state) for k in sampled}
 
@@ -71,6 +74,8 @@ class FedProx(FedAvg):
         mu: weight of the proximal term.
         weighted: as FedAvg.
     """
+
+    sends_extras = frozenset({"proximal_mu"})
 
     def __init__(self, mu: float = 0.01, weighted: bool = True) -> None:
         super().__init__(weighted)

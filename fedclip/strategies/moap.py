@@ -65,6 +65,8 @@ class PFedMoAP(FedAvg):
 
     releases_uploads = True  # the pool's contexts are sent to other clients as experts
 
+    sends_extras = frozenset({"experts", "expert_ids"})
+
     def __init__(
         self,
         num_experts: int = 10,

@@ -1,0 +1,149 @@
+"""Federation: a run in this process (or on this process's Fabric ranks): the round loop
+with the data, the backbone and every client built here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric import Fabric
+from lightning.fabric.utilities.seed import seed_everything
+
+from fedclip.backbone import load_backbone
+from fedclip.batch import Input
+from fedclip.client import ClientModule
+from fedclip.data.federated import FederatedData
+from fedclip.federation.executors import FabricExecutor, LocalExecutor
+from fedclip.federation.loop import RoundLoop, make_loggers
+from fedclip.federation.runtime import ClientRuntime
+from fedclip.federation.settings import check_config, check_task, config_fingerprint
+
+
+def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) -> Fabric:
+    """The run's Fabric: one process per device; several ranks use plain DDP collectives
+    (modules are never wrapped: clients differ)."""
+    devices = cfg.fabric.devices if devices is None else devices
+    num_nodes = cfg.fabric.num_nodes if num_nodes is None else num_nodes
+    return Fabric(
+        accelerator=cfg.fabric.accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        precision=cfg.fabric.precision,
+    )
+
+
+def prepare_data(cfg, data: FederatedData | None = None) -> FederatedData:
+    """Check the config, seed the process and build the data (or take `data`, already
+    built from the same config): what every process does first, in this order, so that
+    every client gets the same seeds wherever it is built."""
+    check_config(cfg)
+    seed_everything(cfg.seed, verbose=False)
+    if data is None:
+        data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+    check_task(cfg.learner, data.multilabel, data.cfg.base_to_novel)
+    return data
+
+
+def build_runtime(cfg, data: FederatedData, client_ids, fabric: Fabric, stop=None):
+    """The backbone on the fabric's device, the data bound to it with the learner's
+    declared inputs, and a ClientRuntime holding `client_ids`."""
+    clip = load_backbone(cfg.backbone)  # once per process (load_backbone caches)
+    clip.to(fabric.device)
+    if data.clip is not clip:  # data shared by several nodes of one process is bound once
+        inputs = type(cfg.learner).inputs
+        data.bind(
+            clip, use_cache=Input.IMAGES not in inputs, flip_targets=Input.FLIP_TARGETS in inputs
+        )
+    kwargs = {} if stop is None else {"stop_requested": stop}
+    return ClientRuntime(cfg, data, clip, fabric, client_ids, **kwargs)
+
+
+class Federation(RoundLoop):
+    """Builds the backbone, data, clients and strategy of a `FitConfig`, then runs rounds.
+
+    run_dir: where metrics, checkpoints and the summary go (None: nothing is written).
+    config_dict: the resolved config as plain data (saved fingerprint for resume checks).
+    Several devices or nodes (`fabric.devices`, `fabric.num_nodes`): the ranks are launched
+    here, after data and backbone are prepared (downloads and caches made once), and each
+    round's clients are split among them (`FabricExecutor`).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        run_dir: str | Path | None = None,
+        config_dict: dict[str, Any] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        # data and backbone first, in the launching process: bad input fails here with one
+        # line, and downloads and caches are made once before the other ranks start
+        data = prepare_data(cfg)
+        load_backbone(cfg.backbone)
+        self.fabric = fabric = build_fabric(cfg)
+        if cfg.fabric.devices * cfg.fabric.num_nodes > 1:
+            # starts the other local ranks (they run the same command) unless a launcher
+            # such as torchrun or SLURM already did
+            fabric.launch()
+        self.runtime = build_runtime(
+            cfg, data, range(data.num_clients), fabric, stop=lambda: self.stop_requested()
+        )
+        executor = (
+            FabricExecutor(self.runtime) if fabric.world_size > 1 else LocalExecutor(self.runtime)
+        )
+        run_dir = Path(run_dir) if run_dir is not None else None
+        loggers = make_loggers(run_dir, cfg) if run_dir is not None else []
+        super().__init__(
+            cfg,
+            executor,
+            run_dir,
+            config_fingerprint(config_dict or {}),
+            loggers,
+            show_progress,
+        )
+        self.world_size = fabric.world_size
+
+    # the parts this process holds
+    @property
+    def data(self) -> FederatedData:
+        return self.runtime.data
+
+    @property
+    def clip(self):
+        return self.runtime.clip
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.runtime.data.classnames
+
+    @property
+    def clients(self) -> list[ClientModule]:
+        return [self.runtime.clients[k] for k in sorted(self.runtime.clients)]
+
+    def fit_client(self, k: int, rnd: int) -> float:
+        return self.runtime.fit_client(k, rnd)
+
+    def evaluate_client(self, k: int) -> float:
+        return self.runtime.evaluate_client(k)
+
+    def evaluate(self, rnd: int) -> dict[int, Any]:
+        """Each client's evaluation result with the strategy's evaluation payloads."""
+        ids = list(range(self.info.num_clients))
+        return self.executor.evaluate(rnd, ids, self.strategy.configure_evaluate(rnd, ids))
+
+    def evaluate_transfer(self, name: str) -> dict[str, float]:
+        """Accuracy of every client, with its evaluation payload, on its share of the
+        transfer split `name`, among that data set's classes; pooled over clients as
+        `transfer/NAME/acc` (the whole test set's accuracy for a shared model)."""
+        ids = list(range(self.info.num_clients))
+        payloads = self.strategy.configure_evaluate(self.round, ids)
+        classes = list(range(len(self.data.split_classnames(name))))
+        correct = total = 0
+        metrics: dict[str, float] = {}
+        for k in ids:
+            self.runtime.take(k, payloads.get(k))
+            c, t = self.runtime.evaluate_client_on(k, name, classes)
+            correct, total = correct + c, total + t
+            metrics[f"transfer/{name}/client/{k}/acc"] = c / t if t else float("nan")
+        metrics[f"transfer/{name}/acc"] = correct / total if total else float("nan")
+        return metrics

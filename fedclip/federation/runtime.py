@@ -1,0 +1,285 @@
+"""ClientRuntime: the client side of a round, the same code in process, on a Fabric rank
+and on a Flower SuperNode.
+
+A turn: take the payload (the global shared state, the learner's declared extras, and
+extras the runtime applies itself such as a proximal term), train the local epochs (or
+steps) under the client's own RNG, check the upload against the learner's schema, clip and
+noise it when local differential privacy is on, and return a `ClientOutcome`. A turn that
+raises, or whose loss is not finite, rolls the client back to its state before the turn
+and returns the failure with its traceback; the run goes on without that client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedclip.client import ClientModule, runtime_terms
+from fedclip.data.federated import FederatedData
+from fedclip.errors import ClientFailure
+from fedclip.federation.records import ClientOutcome, Upload, failure_reason, tensor_bytes
+from fedclip.learners.base import make_learner
+from fedclip.metrics import client_metric
+from fedclip.privacy import DifferentialPrivacy, update_norm
+from fedclip.strategies.base import Payload, check_upload
+
+
+class Stopped(Exception):
+    """A stop request (SIGINT/SIGTERM) interrupted a client's turn; it is rolled back."""
+
+
+def turn_seed(seed: int, rnd: int, client: int) -> int:
+    """Seed of client `client`'s turn in round `rnd` (dropout, augmentation)."""
+    return int(np.random.SeedSequence([seed, rnd, client, 7]).generate_state(1)[0])
+
+
+def epoch_seed(seed: int, rnd: int, client: int, epoch: int) -> int:
+    """Shuffling seed of a client's local epoch."""
+    return int(np.random.SeedSequence([seed, rnd, client, epoch]).generate_state(1)[0])
+
+
+class ClientRuntime:
+    """The clients of this process (all of them, or the one a Flower node holds).
+
+    fabric: the Lightning Fabric that owns the device, precision and optimizer setup;
+    stop_requested: asked between optimiser steps; True stops the turn (`Stopped`).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        data: FederatedData,
+        clip,
+        fabric,
+        client_ids: Iterable[int],
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.clip = clip
+        self.fabric = fabric
+        self.stop_requested = stop_requested
+        self.uploads = type(cfg.strategy).collects_uploads
+        self.privacy = DifferentialPrivacy(cfg.privacy, data.num_clients, cfg.seed)
+        self.clients: dict[int, ClientModule] = {k: self.make_client(k) for k in client_ids}
+
+    # ---- construction ------------------------------------------------------------------
+    def make_client(self, k: int) -> ClientModule:
+        """Client k: its learner built by the one factory, its own optimizer state."""
+        learner = make_learner(
+            self.cfg.learner,
+            self.clip,
+            self.data.classnames,
+            self.cfg.seed,
+            multilabel=self.data.multilabel,
+            multilabel_cfg=self.cfg.multilabel,
+        )
+        steps = self.steps_per_round(k)
+        client = ClientModule(
+            k, learner, self.clip, self.cfg.optim, self.data.num_train(k), steps,
+            self.cfg.federation.rounds,
+        )  # fmt: skip
+        return client.to(self.fabric.device)
+
+    def steps_per_round(self, k: int) -> int:
+        """Optimiser steps of client k in one round: its local epochs of batches."""
+        return self.cfg.federation.local_epochs * self.data.steps_per_epoch(k)
+
+    # ---- state ---------------------------------------------------------------------------
+    def client_state(self, k: int) -> dict[str, Any]:
+        return self.clients[k].client_state()
+
+    def load_client(self, k: int, state: dict[str, Any]) -> None:
+        """Replace client k's personal state (learner, optimizers, schedulers)."""
+        client = self.clients[k]
+        client.optimizer_pairs = None  # built anew for the state's trainable set
+        client.load_client_state(state)
+
+    def take(self, k: int, payload: Payload | None) -> int:
+        """Client k takes a download (the part its learner shares now, its extras);
+        returns the bytes it took."""
+        client = self.clients[k]
+        payload = client.wanted(payload)
+        client.receive(payload)
+        return tensor_bytes(payload) if payload is not None else 0
+
+    @contextlib.contextmanager
+    def client_rng(self, rnd: int, k: int):
+        """Client k's own RNG for its turn of round rnd: what it draws (dropout,
+        augmentation) depends neither on the clients before it nor on where it runs."""
+        device = self.fabric.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(turn_seed(self.cfg.seed, rnd, k))
+            yield
+
+    # ---- a turn --------------------------------------------------------------------------
+    def turn(self, k: int, rnd: int, payload: Payload | None) -> ClientOutcome:
+        """Client k's turn of round rnd. A failure returns the outcome without upload, with
+        its reason and traceback, the client rolled back; a stop request rolls it back and
+        raises `Stopped`."""
+        snapshot = copy.deepcopy(self.clients[k].client_state())
+        outcome = ClientOutcome(k)
+        try:
+            with self.client_rng(rnd, k):
+                self._turn(k, rnd, payload, outcome)
+        except Stopped:
+            self.load_client(k, snapshot)  # it runs again on resume
+            raise
+        except Exception as e:  # noqa: BLE001 (a site may crash: the client is left out)
+            self.load_client(k, snapshot)
+            if self.stop_requested():  # e.g. a data worker hit by the signal
+                raise Stopped from e
+            return outcome.failed(failure_reason(e), traceback.format_exc())
+        outcome.report = self.clients[k].learner.report()
+        outcome.metrics.update(
+            {f"client/{k}/{n}": float(v) for n, v in outcome.report.items() if _is_number(v)}
+        )
+        return outcome
+
+    def _turn(self, k: int, rnd: int, payload: Payload | None, outcome: ClientOutcome) -> None:
+        client = self.clients[k]
+        outcome.down = self.take(k, payload)
+        # the update is measured against what the client starts from (the download, for
+        # the keys it downloaded)
+        reference = {n: v.detach().cpu().clone() for n, v in client.learner.shared_state().items()}
+        loss = self.fit_client(k, rnd)
+        outcome.loss = loss
+        if self.uploads:
+            schema = client.learner.upload_schema()
+            state = check_upload(client.upload(), schema, client.learner.shared_keys())
+            if self.privacy.enabled:
+                state, dp_metrics = self.privacy.privatize_upload(state, reference, rnd, k)
+                outcome.metrics.update({f"client/{k}/{n}": v for n, v in dp_metrics.items()})
+                outcome.released = True  # sent, even if the server then rejects it
+                check_upload(state, schema)  # what actually left the client
+            else:
+                update = {n: state[n] - reference[n] for n in state if n in reference}
+                outcome.metrics[f"client/{k}/update_norm"] = update_norm(update)
+            outcome.up = tensor_bytes(state)
+            outcome.upload = Upload(state, self.data.num_train(k), {"loss": loss})
+        if client.learner.end_of_round(loss):
+            client.rebuild_optimizers()  # a new trainable set; the schedule goes on
+
+    def fit_client(self, k: int, rnd: int) -> float:
+        """Client k's local training of round rnd; returns the mean training loss."""
+        client = self.clients[k]
+        if not client.learner.has_trainable() or self.data.num_train(k) == 0:
+            return float("nan")
+        client.train()
+        pairs = client.configure_optimizers()
+        optimizers = [self.fabric.setup_optimizers(opt) for opt, _ in pairs]
+        total, count, step = 0.0, 0, 0
+        budget = self.steps_per_round(k)
+        epoch = 0
+        while step < budget:
+            batches = self.data.batches(
+                k, "train", epoch_seed=epoch_seed(self.cfg.seed, rnd, k, epoch)
+            )
+            for i, batch in enumerate(batches):
+                if step >= budget:
+                    break
+                if self.stop_requested():
+                    raise Stopped
+                batch = batch.to(self.fabric.device)
+                with self.fabric.autocast():
+                    loss = client.training_step(batch, i)
+                if not torch.isfinite(loss):
+                    raise ClientFailure(
+                        f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}"
+                    )
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                self.fabric.backward(loss)
+                for opt, (_, sched) in zip(optimizers, pairs, strict=True):
+                    opt.step()
+                    sched.step()
+                total += float(loss.detach()) * len(batch)
+                count += len(batch)
+                step += 1
+            epoch += 1
+        return total / max(count, 1)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate_one(self, k: int) -> Any:
+        """Client k's evaluation with the state it holds: its accuracy; (logits, targets)
+        for multi-label data; under base-to-novel, (correct, total) on its local classes
+        and on its share of the base and of the novel test images."""
+        if self.data.multilabel:
+            return self.predict_client(k)
+        if self.data.cfg.base_to_novel:
+            base = list(range(self.data.num_base))
+            novel = list(range(self.data.num_base, len(self.data.all_classnames)))
+            return {
+                "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
+                "base": self.evaluate_client_on(k, "base", base),
+                "novel": self.evaluate_client_on(k, "novel", novel),
+            }
+        return self.evaluate_client(k)
+
+    @torch.no_grad()
+    def evaluate_client(self, k: int) -> float:
+        client = self.clients[k]
+        client.eval()
+        client.accuracy.reset()
+        seen = 0
+        for i, batch in enumerate(self.data.batches(k, "test")):
+            batch = batch.to(self.fabric.device)
+            with self.fabric.autocast():
+                client.validation_step(batch, i)
+            seen += len(batch)
+        return float(client.accuracy.compute()) if seen else float("nan")
+
+    @torch.no_grad()
+    def predict_client(self, k: int, split: str = "test") -> tuple[Tensor, Tensor]:
+        """Client k's logits (N, C) and labels or targets on `split`, on the CPU."""
+        client = self.clients[k]
+        client.eval()
+        scores, labels = [], []
+        for batch in self.data.batches(k, split):
+            batch = batch.to(self.fabric.device)
+            with self.fabric.autocast():
+                scores.append(client(batch).float().cpu())
+            labels.append(batch.labels.cpu())
+        if not scores:
+            n = len(self.data.all_classnames)
+            return torch.zeros(0, n), torch.zeros(0, n)
+        return torch.cat(scores), torch.cat(labels)
+
+    @torch.no_grad()
+    def evaluate_client_on(self, k: int, split: str, classes: list[int]) -> tuple[int, int]:
+        """(correct, total) of client k on `split`, classifying among `classes` (ids)."""
+        client, learner = self.clients[k], self.clients[k].learner
+        client.eval()
+        trained_on = learner.classnames
+        names = self.data.split_classnames(split)
+        learner.set_classes([names[c] for c in classes])
+        remap = torch.full((len(names),), -1, dtype=torch.long)
+        remap[torch.as_tensor(classes)] = torch.arange(len(classes))
+        remap = remap.to(self.fabric.device)
+        metric = client_metric(len(classes)).to(self.fabric.device)
+        total = 0
+        try:
+            for batch in self.data.batches(k, split):
+                batch = batch.to(self.fabric.device)
+                with self.fabric.autocast():
+                    logits = client(batch)
+                metric.update(logits.float(), remap[batch.labels])
+                total += len(batch)
+        finally:
+            learner.set_classes(trained_on)
+        correct = round(float(metric.compute()) * total) if total else 0
+        return correct, total
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+__all__ = ["ClientRuntime", "Stopped", "runtime_terms", "turn_seed", "epoch_seed"]
