@@ -1,0 +1,139 @@
+"""The method registry (timm's `list_models` shape): each method names its learner, its
+default strategy and its configs. The README's method table, the bench, the conformance
+tests and the family x learner tests read it; no other file lists methods.
+
+Adding a method: a learner file in fedclip/learners/ (and, if it needs one, a strategy in
+fedclip/strategies/), an offline quickstart YAML in configs/, and one `register(...)` line
+below. Nothing else changes: the round loop, executors, Flower, the data layer, the bench
+and the test tables take it from here.
+
+This module imports nothing heavy (no torch): `fedclip --help` and the registry stay fast.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A federated prompt-learning method.
+
+    name: its registry name (lower case); learner / strategy: class paths with their default
+    init_args; quickstart: the offline quickstart config (configs/NAME); paper: a config in
+    the paper's setting (needs real weights and data), if any; reference: the paper;
+    summary: one line on what it learns and what travels; learner_args / strategy_args:
+    the paper's defaults where they differ from the classes'; tiny_args: learner arguments
+    that fit fedclip's tiny offline backbones (tests, benchmarks); bench: it has a fast
+    path that `make bench` times against its reference path.
+    """
+
+    name: str
+    learner: str
+    strategy: str
+    quickstart: str
+    summary: str
+    reference: str
+    paper: str | None = None
+    learner_args: dict[str, Any] = field(default_factory=dict)
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    tiny_args: dict[str, Any] = field(default_factory=dict)
+    bench: bool = False
+
+    def learner_class(self) -> type:
+        return _resolve(self.learner)
+
+    def strategy_class(self) -> type:
+        return _resolve(self.strategy)
+
+    def build(self, tiny: bool = False) -> tuple[Any, Any]:
+        """(learner, strategy) instances with the registry's default arguments (with
+        `tiny`, the learner's arguments for the tiny offline backbones)."""
+        args = {**self.learner_args, **(self.tiny_args if tiny else {})}
+        return self.learner_class()(**args), self.strategy_class()(**self.strategy_args)
+
+    def config(self) -> dict[str, Any]:
+        """The `learner:` and `strategy:` sections of a config running this method."""
+        return {
+            "learner": {"class_path": self.learner, "init_args": dict(self.learner_args)},
+            "strategy": {"class_path": self.strategy, "init_args": dict(self.strategy_args)},
+        }
+
+
+def _resolve(path: str) -> type:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method (a name may be registered once)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered already")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Registered method names matching a shell-style pattern, in registration order."""
+    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; an unknown name raises ConfigError naming the known."""
+    if name not in _REGISTRY:
+        from fedclip.errors import ConfigError
+
+        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+# ---- the methods ---------------------------------------------------------------------------
+L, S = "fedclip.learners", "fedclip.strategies"
+register(Method(
+    "zeroshot", f"{L}.ZeroShot", f"{S}.LocalOnly", "zeroshot_quickstart.yaml",
+    "frozen CLIP with hand-written templates; nothing is learnt or sent",
+    "Radford et al., ICML 2021 (CLIP)",
+))  # fmt: skip
+register(Method(
+    "coop", f"{L}.TextualPrompt", f"{S}.LocalOnly", "coop_quickstart.yaml",
+    "each client learns its own context (CoOp); nothing is sent",
+    "Zhou et al., IJCV 2022 (CoOp)", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
+))  # fmt: skip
+register(Method(
+    "promptfl", f"{L}.TextualPrompt", f"{S}.FedAvg", "quickstart.yaml",
+    "one context shared by all clients; FedAvg of the context",
+    "Guo et al., IEEE TMC 2023 (PromptFL)", paper="promptfl_cifar100.yaml",
+    learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4}, bench=True,
+))  # fmt: skip
+register(Method(
+    "fedprox", f"{L}.TextualPrompt", f"{S}.FedProx", "fedprox_quickstart.yaml",
+    "PromptFL with a proximal term mu/2 ||ctx - ctx_global||^2 in every client's loss",
+    "Li et al., MLSys 2020 (FedProx)", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
+    strategy_args={"mu": 0.01},
+))  # fmt: skip
+register(Method(
+    "pfedmoap", f"{L}.MixtureOfPrompts", f"{S}.PFedMoAP", "pfedmoap_quickstart.yaml",
+    "a local context plus a personal gating network over other clients' contexts (experts); "
+    "the context is averaged, the gating stays",
+    "Luo et al., ICLR 2025 (pFedMoAP)", paper="pfedmoap_cifar100.yaml", bench=True,
+    tiny_args={"n_ctx": 4, "d_gating": 32, "gating_heads": 4},
+))  # fmt: skip
+register(Method(
+    "fedmvp", f"{L}.FedMVP", f"{S}.FedAvg", "fedmvp_quickstart.yaml",
+    "a PromptFormer turning patches and class attributes into visual prompts; FedAvg of "
+    "it, then of rank-8 LoRA factors only",
+    "Singha et al., ICCV 2025 (FedMVP)", paper="fedmvp_cifar100_b2n.yaml",
+    learner_args={"attributes": "shapes"}, strategy_args={"weighted": False}, bench=True,
+    tiny_args={"random_flip": False},
+))  # fmt: skip
+del L, S
