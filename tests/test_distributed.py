@@ -308,4 +308,4 @@ def test_too_many_failures_raise_on_every_rank_with_the_same_message():
     assert str(errors[0]) == str(errors[1])
     assert "2 clients failed, more than federation.max_client_failures=1" in str(errors[0])
     partial = feds[0].partial
-    assert partial["done"] == [0, 1, 2, 3] and [f["client"] for f in partial["failures"]] == [0, 2]
+    assert partial.done == [0, 1, 2, 3] and [f["client"] for f in partial.failures] == [0, 2]

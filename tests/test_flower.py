@@ -326,6 +326,49 @@ def test_node_identity_and_data_root(tmp_path):
     )
 
 
+@pytest.mark.parametrize("method", ["promptfl", "pfedmoap"])
+def test_flower_run_resumes_from_its_checkpoint_and_export_and_evaluate_read_it(
+    tmp_path, task_identity, method, capsys
+):
+    """A Flower run stopped after round 1 resumes on nodes that lost every state (a new
+    Grid, fresh processes): the clients' personal states go back from the server's
+    checkpoint, and the result equals an uninterrupted `fedclip fit` bit for bit. The run
+    folder is `fedclip fit`'s: `fedclip export` and `fedclip evaluate` read it."""
+    import yaml
+
+    from fedclip.cli import main
+
+    text, num_clients = CONFIGS[method]
+    config = write(tmp_path, text)
+    run_dir = tmp_path / "runs" / "flower"
+    options = RunOptions(config=str(config), overrides="--progress=false")
+    cfg, plain, _ = read_config(options, None)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    first = FlowerFederation(LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False)
+    first.connect()
+    first.fit(stop_after=1)
+    assert first.round == 1
+    cfg, plain, _ = read_config(options, None)
+    second = FlowerFederation(LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False)
+    second.connect()
+    second.load(run_dir / "checkpoints" / "last.ckpt")
+    second.fit(resume=True)
+    local = reference(config)
+    assert_same_state(second.strategy.global_state, local.strategy.global_state)
+    assert without_time(second.history) == without_time(local.history)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    for k, client in enumerate(local.clients):
+        assert_same_state(saved["clients"][k]["learner"], client.client_state()["learner"])
+
+    assert main(["export", "--run_dir", str(run_dir)]) == 0
+    assert (run_dir / "prompts.safetensors").is_file()
+    assert main(["evaluate", "--run_dir", str(run_dir)]) == 0
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    metric = "eval/acc_mean"
+    assert evaluated[metric] == pytest.approx(local.history[-1][metric], abs=1e-6)
+
+
 def test_site_data_gives_every_client_all_its_samples():
     labels = torch.arange(10).remainder(3).numpy()
     parts = SiteData()(labels, 3, seed=0)
