@@ -21,8 +21,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
 from fedclip.backbone import load_backbone
-from fedclip.cli import build_fit_config, fit_parser
-from fedclip.config import FitConfig
+from fedclip.config import FitConfig, build_fit_config, fit_parser
 from fedclip.data.federated import FederatedData
 from fedclip.errors import NodeConfigError
 from fedclip.federation import Federation, check_config, failure_reason

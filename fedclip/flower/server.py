@@ -35,16 +35,14 @@ import yaml
 from lightning.fabric.loggers import CSVLogger
 
 from fedclip.checkpoint import save_atomic, write_text_atomic
-from fedclip.cli import (
+from fedclip.config import (
+    FitConfig,
     build_fit_config,
     check_config_files,
     check_run_name,
     default_run_name,
     fit_parser,
-    print_table,
-    write_results,
 )
-from fedclip.config import FitConfig
 from fedclip.errors import FlowerSetupError
 from fedclip.federation import (
     FederationError,
@@ -77,7 +75,7 @@ from fedclip.flower.records import (
 )
 from fedclip.privacy import DifferentialPrivacy
 from fedclip.progress import Progress
-from fedclip.report import write_partition
+from fedclip.report import print_table, write_partition, write_results
 from fedclip.strategies.base import UploadError
 
 POLL_S = 0.2  # between pulls of replies (Grid.send_and_receive waits 3 s between pulls)
