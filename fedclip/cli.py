@@ -2,8 +2,13 @@
 `fedclip partition --config X.yaml` and `fedclip export --run_dir R`.
 
 Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
-`--print_config` prints the resolved configuration. Bad input exits with code 2 and a single
-line that names the problem; nothing already written is touched.
+`--print_config` prints the resolved configuration.
+
+Exit codes: 0 done; 2 bad input (a `FedclipError`, or a flag or value the parser refuses),
+printed as one line `fedclip CMD: error: ...` that names the problem, with nothing already
+written touched; 1 a bug (any other exception, traceback kept) or a federation that cannot
+go on; 128 + N stopped by signal N after a checkpoint. FEDCLIP_DEBUG=1 re-raises bad input
+with its traceback too. Nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -14,53 +19,33 @@ import logging
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser
 
-from fedclip.checkpoint import atomic_path, write_text_atomic
-from fedclip.config import FitConfig
+from fedclip.checkpoint import write_text_atomic
+from fedclip.config import (
+    add_run_arguments,
+    build_fit_config,
+    check_config_files,
+    check_resume,
+    check_run_name,
+    default_run_name,
+    fit_parser,
+    read_run_config,
+)
 from fedclip.data.datasets import DatasetSource
-from fedclip.errors import UsageError
+from fedclip.errors import FedclipError, UsageError, one_line
 from fedclip.export import cmd_export
+from fedclip.report import print_table, write_results
 from fedclip.sweeps import (
     configure_sweep_run,
     continue_sweep_run,
     requeue_if_preempted,
     strip_agent_arguments,
 )
-
-DEFAULTS = {
-    "learner": {"class_path": "fedclip.learners.TextualPrompt"},
-    "strategy": {"class_path": "fedclip.strategies.FedAvg"},
-    "data.dataset": {"class_path": "fedclip.data.Shapes"},
-    "data.partitioner": {"class_path": "fedclip.data.Dirichlet"},
-}
-
-
-def fit_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="fedclip fit",
-        description="Run a federated prompt-learning experiment.",
-        exit_on_error=False,
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
-    parser.add_argument(
-        "--resume",
-        type=bool,
-        default=False,
-        help="continue the run in output_dir/run_name from its last checkpoint",
-    )
-    parser.add_argument(
-        "--progress", type=bool, default=True, help="show progress and a line per round"
-    )
-    parser.add_class_arguments(FitConfig, nested_key=None, fail_untyped=True, sub_configs=True)
-    parser.set_defaults(DEFAULTS)
-    return parser
 
 
 def evaluate_parser() -> ArgumentParser:
@@ -80,145 +65,31 @@ def evaluate_parser() -> ArgumentParser:
     return parser
 
 
-def one_line(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
 
 
-def check_config_files(argv: list[str]) -> None:
-    """Every --config file must exist and be valid YAML; say which file and where if not."""
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        if not Path(path).is_file():
-            raise UsageError(f"config file not found: {path}")
-        try:
-            yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UsageError(f"{path}: not valid YAML: {problem}{where}") from e
+def user_error(error: BaseException) -> BaseException | None:
+    """The bad input behind `error`, or None when `error` is a bug.
 
-
-def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
-    """Leaf keys where two plain configs differ, as 'a.b.c (saved X, given Y)'."""
-    if isinstance(saved, dict) and isinstance(given, dict):
-        out = []
-        for key in sorted(set(saved) | set(given), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out += _differences(saved.get(key), given.get(key), name)
-        return out
-    return [] if saved == given else [f"{prefix} (saved {saved!r}, given {given!r})"]
-
-
-def check_run_name(name: str) -> None:
-    if not name or name in {".", ".."} or "/" in name or "\\" in name or Path(name).is_absolute():
-        raise UsageError(
-            f"run_name {name!r} must be a plain folder name (no path separators or '..')"
-        )
-
-
-def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
-    """Instantiate the parsed namespace into a FitConfig plus its plain-data dump."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jsonargparse's notices about its own API
-        plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
-    for key in ("config", "resume", "progress", "print_config", "out"):
-        plain.pop(key, None)
-    init = (
-        parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
-    )
-    fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
-    return FitConfig(**fields), plain
-
-
-def read_run_config(run_dir: Path) -> tuple[FitConfig, dict[str, Any]]:
-    """The FitConfig (and its plain dump) saved in a run folder's config.yaml."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
-    parser = fit_parser()
-    return build_fit_config(parser, parser.parse_args(["--config", str(cfg_path)]))
-
-
-def add_run_arguments(parser: ArgumentParser) -> None:
-    """--run_dir and --checkpoint: the commands that read a finished run."""
-    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
-    parser.add_argument(
-        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
-    )
-
-
-def default_run_name(cfg: FitConfig) -> str:
-    learner = type(cfg.learner).__name__.lower()
-    dataset = getattr(cfg.data.dataset, "name", type(cfg.data.dataset).__name__.lower())
-    return f"{learner}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def print_table(fed, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    summary = fed.summary()
-    name = fed.metric
-    nan = float("nan")
-    table = Table(title=title)
-    for col in ("client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"):
-        table.add_column(col, justify="right")
-    for row in summary["clients"]:
-        value = row[name]
-        table.add_row(
-            str(row["client"]),
-            str(row["train"]),
-            str(row["test"]),
-            str(row["classes"]),
-            "-" if value != value else f"{100 * value:.2f}",
-        )
-    ev = summary["eval"]
-    if ev:
-        table.add_section()
-        mean, std = ev.get(f"eval/{name}_mean", nan), ev.get(f"eval/{name}_std", nan)
-        table.add_row("mean", "", "", "", f"{100 * mean:.2f} ± {100 * std:.2f}")
-        table.add_row("min", "", "", "", f"{100 * ev.get(f'eval/{name}_min', nan):.2f}")
-        if "eval/map_pooled" in ev:
-            table.add_row("pooled", "", "", "", f"{100 * ev['eval/map_pooled']:.2f}")
-        if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
-            for key in ("base", "novel", "hm"):
-                table.add_row(key, "", "", "", f"{100 * ev[f'eval/{key}']:.2f}")
-    Console().print(table)
-
-
-def write_results(fed, run_dir: Path) -> None:
-    from fedclip.report import plot_curves
-
-    summary = fed.summary()
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
-    with atomic_path(run_dir / "curves.png") as tmp:
-        plot_curves(fed.history, tmp)
-
-
-def check_resume(run_dir: Path, plain: dict[str, Any]) -> None:
-    """A resumed run's config must equal the saved one but for the resumable keys; the
-    message names every key that differs with its saved and given values."""
-    from fedclip.federation import without_resumable
-
-    saved = without_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    given = without_resumable(plain)
-    changed = [
-        d
-        for k in sorted(set(given) | set(saved))
-        if k not in {"federation", "logger"}
-        for d in _differences(saved.get(k), given.get(k), k)
-    ]
-    if changed:
-        shown = "; ".join(changed[:3]) + (
-            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
-        )
-        raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")
+    Bad input is a FedclipError or an argparse.ArgumentError (how jsonargparse refuses a
+    flag or value). jsonargparse re-raises what a class's __init__ or __post_init__ raised
+    as a plain ValueError in some places (a dataclass under a Union, e.g. `X | None`), with
+    the original as its __cause__; such a wrapper, and only one raised inside jsonargparse,
+    is looked through. Any other exception, whatever it wraps, stays a bug.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FedclipError | argparse.ArgumentError):
+            return error
+        if not _raised_by_jsonargparse(error):
+            return None
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 def cmd_fit(argv: list[str]) -> int:
@@ -255,7 +126,10 @@ def cmd_fit(argv: list[str]) -> int:
         fed.load(ckpt)  # a corrupt or foreign checkpoint stops here, before anything is written
     main_rank = fed.rank == 0  # with several ranks, rank 0 alone writes and reports
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the run folder {run_dir}: {e.strerror}") from e
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
         from fedclip.report import write_partition
 
@@ -274,7 +148,7 @@ def cmd_fit(argv: list[str]) -> int:
     except FederationError as e:
         fed.close(1)
         client_tb = getattr(e, "client_traceback", None)
-        if main_rank and client_tb:  # the last failing client's traceback (all: run.log)
+        if main_rank and client_tb:  # the last failing client's traceback (every one: run.log)
             print(client_tb.rstrip("\n"), file=sys.stderr)
         if main_rank:
             print(
@@ -283,8 +157,8 @@ def cmd_fit(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         return 1
-    except BaseException:
-        fed.close(1)  # a bug: loggers closed as failed, the last checkpoint intact
+    except Exception:
+        fed.close(1)  # the loggers' runs end marked failed; the traceback goes on to main
         raise
     code = 128 + fed.stopped_by if fed.stopped_by is not None else 0
     if not main_rank:
@@ -365,7 +239,11 @@ def cmd_partition(argv: list[str]) -> int:
     out = Path(ns.out) if ns.out else Path(cfg.output_dir) / f"partition-{summary['dataset']}"
     title = f"{summary['dataset']}: {summary['partitioner']}, seed {cfg.seed}"
     Console().print(partition_table(summary, title))
-    for path in write_partition(summary, out.parent, out.name):
+    try:
+        written = write_partition(summary, out.parent, out.name)
+    except OSError as e:  # e.g. --out under a file, or a folder the user cannot write
+        raise UsageError(f"cannot write {out}.json/.png: {e.strerror or e}") from e
+    for path in written:
         print(f"wrote {path}")
     return 0
 
@@ -396,24 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from fedclip.backbone import BackboneError
-    from fedclip.checkpoint import CheckpointError
-    from fedclip.data.datasets import DataError
-
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (
-        argparse.ArgumentError,
-        UsageError,
-        BackboneError,
-        DataError,
-        CheckpointError,
-        ValueError,
-        OSError,
-    ) as e:
-        if os.environ.get("FEDCLIP_DEBUG"):
+    except Exception as e:
+        user = user_error(e)
+        if user is None or os.environ.get("FEDCLIP_DEBUG"):
             raise
-        print(f"fedclip {argv[0]}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"fedclip {argv[0]}: error: {one_line(str(user))}", file=sys.stderr)
         return 2
 
 

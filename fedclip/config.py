@@ -1,16 +1,25 @@
-"""The `fedclip fit` configuration: one dataclass per YAML section.
+"""The `fedclip fit` configuration: one dataclass per YAML section, the parser that reads it
+from YAML and flags, and the helpers that build, check and re-read a run's config.
 
 Pluggable parts (learner, strategy, data set, partitioner) are given with `class_path` and
-`init_args`, so a new method is a new class, never a new script.
+`init_args`, so a new method is a new class, never a new script. The commands (fedclip.cli)
+and the Flower apps share these helpers, so that every entry point reads a config alike.
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedclip.backbone import BackboneConfig
 from fedclip.data.federated import DataConfig
+from fedclip.errors import UsageError
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
 from fedclip.privacy import PrivacyConfig
@@ -111,3 +120,142 @@ class FitConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     multilabel: MultiLabelConfig = field(default_factory=MultiLabelConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+
+# ---- the parser ------------------------------------------------------------------------------
+DEFAULTS = {
+    "learner": {"class_path": "fedclip.learners.TextualPrompt"},
+    "strategy": {"class_path": "fedclip.strategies.FedAvg"},
+    "data.dataset": {"class_path": "fedclip.data.Shapes"},
+    "data.partitioner": {"class_path": "fedclip.data.Dirichlet"},
+}
+
+
+def fit_parser() -> ArgumentParser:
+    """The parser of `fedclip fit`: every FitConfig key is a flag, plus --config, --resume and
+    --progress. Bad flags or values raise argparse.ArgumentError (exit_on_error=False)."""
+    parser = ArgumentParser(
+        prog="fedclip fit",
+        description="Run a federated prompt-learning experiment.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
+    parser.add_argument(
+        "--resume",
+        type=bool,
+        default=False,
+        help="continue the run in output_dir/run_name from its last checkpoint",
+    )
+    parser.add_argument(
+        "--progress", type=bool, default=True, help="show progress and a line per round"
+    )
+    parser.add_class_arguments(FitConfig, nested_key=None, fail_untyped=True, sub_configs=True)
+    parser.set_defaults(DEFAULTS)
+    return parser
+
+
+def add_run_arguments(parser: ArgumentParser) -> None:
+    """--run_dir and --checkpoint: the commands that read a finished run."""
+    parser.add_argument("--run_dir", type=str, required=True, help="run folder of `fedclip fit`")
+    parser.add_argument(
+        "--checkpoint", type=str | None, default=None, help="checkpoint (default: last)"
+    )
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every --config file must exist and be valid YAML; a UsageError says which file and
+    where if not (before jsonargparse, whose own messages do not name the line)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not Path(path).is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UsageError(f"{path}: not valid YAML: {problem}{where}") from e
+
+
+def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
+    """Instantiate the parsed namespace into a FitConfig plus its plain-data dump (what
+    config.yaml holds). A class whose arguments no run can use raises its ConfigError here,
+    possibly wrapped by jsonargparse (see fedclip.cli.main)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jsonargparse's notices about its own API
+        plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
+    for key in ("config", "resume", "progress", "print_config", "out"):
+        plain.pop(key, None)
+    init = (
+        parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+    )
+    fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
+    return FitConfig(**fields), plain
+
+
+def read_run_config(run_dir: Path) -> tuple[FitConfig, dict[str, Any]]:
+    """The FitConfig (and its plain dump) saved in a run folder's config.yaml; a UsageError
+    when the folder holds none or it is not valid YAML."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
+    check_config_files(["--config", str(cfg_path)])
+    parser = fit_parser()
+    return build_fit_config(parser, parser.parse_args(["--config", str(cfg_path)]))
+
+
+# ---- run folders -----------------------------------------------------------------------------
+def check_run_name(name: str) -> None:
+    """A run name is one folder under output_dir, never a path out of it (UsageError)."""
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise UsageError(
+            f"run_name {name!r} must be a plain folder name (no path separators or '..')"
+        )
+
+
+def default_run_name(cfg: FitConfig) -> str:
+    """learner-dataset-time, e.g. textualprompt-shapes-20250101-120000."""
+    learner = type(cfg.learner).__name__.lower()
+    dataset = getattr(cfg.data.dataset, "name", type(cfg.data.dataset).__name__.lower())
+    return f"{learner}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    """Leaf keys where two plain configs differ, as 'a.b.c (saved X, given Y)'."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out = []
+        for key in sorted(set(saved) | set(given), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += config_differences(saved.get(key), given.get(key), name)
+        return out
+    return [] if saved == given else [f"{prefix} (saved {saved!r}, given {given!r})"]
+
+
+def check_resume(run_dir: Path, plain: dict[str, Any]) -> None:
+    """A resumed run's config must equal the one saved in `run_dir` but for the resumable
+    keys; UsageError names every key that differs with its saved and given values."""
+    from fedclip.federation.settings import without_resumable
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UsageError(f"--resume: {run_dir} holds a checkpoint but no config.yaml")
+    check_config_files(["--config", str(saved_path)])
+    saved = without_resumable(yaml.safe_load(saved_path.read_text()) or {})
+    given = without_resumable(plain)
+    changed = [
+        d
+        for k in sorted(set(given) | set(saved))
+        if k not in {"federation", "logger"}
+        for d in config_differences(saved.get(k), given.get(k), k)
+    ]
+    if changed:
+        shown = "; ".join(changed[:3]) + (
+            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")

@@ -13,6 +13,11 @@ command line, however, only treats `FedclipError` as bad input.
 from __future__ import annotations
 
 
+def one_line(message: str) -> str:
+    """A message as the single line the command line prints."""
+    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
 class FedclipError(Exception):
     """A user error: printed as one line that names the problem; exit code 2."""
 

@@ -32,7 +32,8 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from fedclip.checkpoint import CheckpointError, atomic_path, load_checkpoint
+from fedclip.checkpoint import atomic_path, load_checkpoint
+from fedclip.errors import CheckpointError, DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ EXTRA = "_extra_state"  # the state_dict key of a module's get_extra_state()
 
 
 # ---- export ------------------------------------------------------------------------------
-def _usage_error(message: str) -> Exception:
-    from fedclip.cli import UsageError  # lazy: fedclip.cli may import this module
-
-    return UsageError(message)
-
-
 def _parse_clients(clients: str | list[int] | tuple[int, ...], num_clients: int) -> list[int]:
     """'all', 'none', '0,2' or a list of ids -> sorted ids; unknown ids are a UsageError."""
     if isinstance(clients, str):
@@ -59,14 +54,14 @@ def _parse_clients(clients: str | list[int] | tuple[int, ...], num_clients: int)
         try:
             ids = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise _usage_error(
+            raise UsageError(
                 f"--clients must be 'all', 'none' or comma-separated client ids, got {clients!r}"
             ) from None
     else:
         ids = [int(k) for k in clients]
     unknown = sorted({k for k in ids if not 0 <= k < num_clients})
     if unknown:
-        raise _usage_error(
+        raise UsageError(
             f"unknown client ids {unknown}: the run has {num_clients} clients "
             f"(0..{num_clients - 1})"
         )
@@ -101,7 +96,7 @@ def _flatten_learner(prefix: str, state: dict[str, Any]) -> tuple[dict[str, Tens
 
 def _read_run(run_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(FitConfig, plain config, saved config.yaml) of a run folder; builds no data/model."""
-    from fedclip.cli import read_run_config
+    from fedclip.config import read_run_config  # lazy: it builds the whole parser
 
     cfg, plain = read_run_config(run_dir)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -112,8 +107,6 @@ def _classnames(cfg: Any) -> list[str] | None:
     """The classes the clients trained on (the base half under base-to-novel), read from the
     data set's metadata without partitioning or decoding images; None if it is missing."""
     import math
-
-    from fedclip.data.datasets import DataError
 
     try:
         names = list(cfg.data.dataset.classnames)
@@ -155,8 +148,8 @@ def export_prompts(
     checkpoint: the checkpoint to read (default: run_dir/checkpoints/last.ckpt); it must
         have been written by the run's config.
 
-    Returns the path written. Raises UsageError (bad folder or client ids), CheckpointError
-    (missing, corrupt, foreign or mismatching checkpoint) or ValueError (nothing to export).
+    Returns the path written. Raises UsageError (bad folder, client ids or --out, or nothing
+    to export) or CheckpointError (missing, corrupt, foreign or mismatching checkpoint).
     """
     from fedclip.federation import config_fingerprint
 
@@ -185,7 +178,7 @@ def export_prompts(
         tensors.update(flat)
         skipped.update(left_out)
     if not tensors:
-        raise ValueError(
+        raise UsageError(
             f"nothing to export from {run_dir}: the strategy has no global state and the "
             f"selected clients ({clients}) hold no learned tensors"
         )
@@ -213,10 +206,11 @@ def export_prompts(
         metadata["classnames"] = json.dumps(names)
     path = Path(out) if out else run_dir / "prompts.safetensors"
     if path.is_dir():
-        raise _usage_error(
-            f"--out {path} is a folder; give a file name such as prompts.safetensors"
-        )
-    _save_atomic(tensors, metadata, path)
+        raise UsageError(f"--out {path} is a folder; give a file name such as prompts.safetensors")
+    try:
+        _save_atomic(tensors, metadata, path)
+    except OSError as e:  # e.g. --out under a file, or a folder the user cannot write
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
     return path
 
 
@@ -343,6 +337,15 @@ def _check_shape(name: str, value: Tensor, own: Tensor) -> None:
         )
 
 
+def _metadata_json(metadata: dict[str, str], key: str) -> Any:
+    """A JSON entry of a prompts file's metadata; CheckpointError when absent or not JSON
+    (a file that `export_prompts` did not write)."""
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CheckpointError(f"the prompts file's metadata has no valid {key!r} entry") from None
+
+
 def build_learner(
     metadata: dict[str, str], clip: Any = None, classnames: list[str] | None = None
 ) -> Any:
@@ -353,7 +356,9 @@ def build_learner(
     from fedclip.backbone import BackboneConfig, load_backbone
     from fedclip.learners.base import PromptLearner
 
-    spec = json.loads(metadata["learner"])
+    spec = _metadata_json(metadata, "learner")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"the file's learner metadata is not a JSON object: {spec!r}")
     module, _, name = str(spec.get("class_path") or "").rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name) if module else None
@@ -363,10 +368,14 @@ def build_learner(
         raise CheckpointError(f"learner {spec.get('class_path')!r} is not a fedclip PromptLearner")
     if classnames is None:
         if "classnames" not in metadata:
-            raise ValueError("the file records no class names: pass classnames")
-        classnames = json.loads(metadata["classnames"])
+            raise UsageError("the file records no class names: pass classnames")
+        classnames = _metadata_json(metadata, "classnames")
     if clip is None:
-        clip = load_backbone(BackboneConfig(**json.loads(metadata["backbone"])))
+        try:
+            backbone = BackboneConfig(**_metadata_json(metadata, "backbone"))
+        except TypeError as e:  # keys this version's BackboneConfig does not have
+            raise CheckpointError(f"the prompts file's backbone metadata does not fit: {e}") from e
+        clip = load_backbone(backbone)
     learner = cls(**spec.get("init_args", {}))
     learner.set_task(json.loads(metadata.get("multilabel", "false")))
     learner.setup(clip, list(classnames), int(metadata.get("seed", "0")))
@@ -395,7 +404,7 @@ def export_parser() -> ArgumentParser:
         description="Write the learned prompts of a run as one .safetensors file for sharing.",
         exit_on_error=False,
     )
-    from fedclip.cli import add_run_arguments
+    from fedclip.config import add_run_arguments  # lazy: config imports the whole package
 
     add_run_arguments(parser)
     parser.add_argument(

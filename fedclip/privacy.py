@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedclip.errors import CheckpointError, ConfigError, UploadError
+
 MODES = ("off", "central", "local")
 _SERVER = -1  # `client` of the server's noise
 _TAG = 0x445  # separates these seeds from the other uses of the run's seed
@@ -74,15 +76,15 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"privacy.mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}"
             )
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
-            raise ValueError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+            raise ConfigError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
 
 
 def update_norm(update: dict[str, Tensor]) -> float:
@@ -220,7 +222,7 @@ class DifferentialPrivacy:
             return upload, {}
         missing = [k for k in upload if k not in reference]
         if missing:
-            raise ValueError(
+            raise UploadError(
                 f"privacy: uploaded tensor {missing[0]!r} is not in the downloaded state, so "
                 "its update cannot be clipped"
             )
@@ -306,7 +308,7 @@ class DifferentialPrivacy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.cfg.mode:
-            raise ValueError(
+            raise CheckpointError(
                 f"privacy: the checkpoint was written with privacy.mode {state['mode']!r}, "
                 f"the config has {self.cfg.mode!r}"
             )
@@ -319,19 +321,19 @@ class DifferentialPrivacy:
 
 
 def check_strategy(cfg: PrivacyConfig, strategy: Any) -> None:
-    """Raise ValueError when `strategy` (a Strategy or its class) cannot be made private
+    """Raise ConfigError when `strategy` (a Strategy or its class) cannot be made private
     with `cfg`: central noise on a server that forwards individual uploads to other clients
     (`releases_uploads`), or any privacy with a strategy that uploads nothing."""
     if cfg.mode == "off":
         return
     cls = strategy if isinstance(strategy, type) else type(strategy)
     if not getattr(cls, "collects_uploads", True):
-        raise ValueError(
+        raise ConfigError(
             f"privacy.mode {cfg.mode!r} with {cls.__name__}: its clients upload nothing, so "
             "there is nothing to protect; use privacy.mode: off"
         )
     if cfg.mode == "central" and getattr(cls, "releases_uploads", False):
-        raise ValueError(
+        raise ConfigError(
             f"privacy.mode 'central' does not protect {cls.__name__}: its server sends "
             "individual uploads to other clients before any noise is added; use privacy.mode: local"
         )
@@ -340,7 +342,7 @@ def check_strategy(cfg: PrivacyConfig, strategy: Any) -> None:
         and not isinstance(strategy, type)
         and getattr(strategy, "weighted", False)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"privacy.mode 'central' needs a uniform mean of the clipped updates (its noise is "
             f"calibrated to one client's share); set strategy.init_args.weighted: false for "
             f"{cls.__name__}"

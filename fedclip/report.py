@@ -1,4 +1,5 @@
-"""What people look at: the training curves, and the partition as a table and a heatmap."""
+"""What people look at: the result table, summary.json and the training curves of a run, and
+the partition as a table and a heatmap."""
 
 from __future__ import annotations
 
@@ -116,3 +117,45 @@ def write_partition(summary: dict[str, Any], folder: Path, stem: str = "partitio
     with atomic_path(png) as tmp:
         plot_partition(summary, tmp)
     return [js, png]
+
+
+def print_table(fed: Any, title: str) -> None:
+    """Print the per-client result table of a federation (anything with `summary()` and
+    `metric`, as Federation and the Flower server have), with the pooled rows below."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = fed.summary()
+    name = fed.metric
+    nan = float("nan")
+    table = Table(title=title)
+    for col in ("client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"):
+        table.add_column(col, justify="right")
+    for row in summary["clients"]:
+        value = row[name]
+        table.add_row(
+            str(row["client"]),
+            str(row["train"]),
+            str(row["test"]),
+            str(row["classes"]),
+            "-" if value != value else f"{100 * value:.2f}",
+        )
+    ev = summary["eval"]
+    if ev:
+        table.add_section()
+        mean, std = ev.get(f"eval/{name}_mean", nan), ev.get(f"eval/{name}_std", nan)
+        table.add_row("mean", "", "", "", f"{100 * mean:.2f} ± {100 * std:.2f}")
+        table.add_row("min", "", "", "", f"{100 * ev.get(f'eval/{name}_min', nan):.2f}")
+        if "eval/map_pooled" in ev:
+            table.add_row("pooled", "", "", "", f"{100 * ev['eval/map_pooled']:.2f}")
+        if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
+            for key in ("base", "novel", "hm"):
+                table.add_row(key, "", "", "", f"{100 * ev[f'eval/{key}']:.2f}")
+    Console().print(table)
+
+
+def write_results(fed: Any, run_dir: Path) -> None:
+    """summary.json and curves.png of a finished (or stopped) run, each replaced atomically."""
+    write_text_atomic(run_dir / "summary.json", json.dumps(fed.summary(), indent=2, default=float))
+    with atomic_path(run_dir / "curves.png") as tmp:
+        plot_curves(fed.history, tmp)

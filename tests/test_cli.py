@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from fedclip.checkpoint import load_checkpoint
-from fedclip.cli import build_fit_config, fit_parser, main
+from fedclip.cli import main
+from fedclip.config import build_fit_config, fit_parser
 
 from .conftest import tiny_yaml
 

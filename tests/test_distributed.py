@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fedclip.checkpoint import load_checkpoint
-from fedclip.cli import build_fit_config, fit_parser, main
+from fedclip.cli import main
+from fedclip.config import build_fit_config, fit_parser
 from fedclip.federation import Federation, FederationError, assign_clients, config_fingerprint
 from fedclip.progress import Progress
 

@@ -12,8 +12,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fedclip.checkpoint import CheckpointError, load_checkpoint
-from fedclip.cli import UsageError, build_fit_config, fit_parser, main
+from fedclip.cli import main
+from fedclip.config import build_fit_config, fit_parser
 from fedclip.data import Shapes
+from fedclip.errors import UsageError
 from fedclip.export import (
     FORMAT,
     apply_prompts,

@@ -345,12 +345,16 @@ def test_flower_run_resumes_from_its_checkpoint_and_export_and_evaluate_read_it(
     cfg, plain, _ = read_config(options, None)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
-    first = FlowerFederation(LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False)
+    first = FlowerFederation(
+        LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False
+    )
     first.connect()
     first.fit(stop_after=1)
     assert first.round == 1
     cfg, plain, _ = read_config(options, None)
-    second = FlowerFederation(LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False)
+    second = FlowerFederation(
+        LoopbackGrid(ids(num_clients)), cfg, plain, run_dir, show_progress=False
+    )
     second.connect()
     second.load(run_dir / "checkpoints" / "last.ckpt")
     second.fit(resume=True)
@@ -358,8 +362,8 @@ def test_flower_run_resumes_from_its_checkpoint_and_export_and_evaluate_read_it(
     assert_same_state(second.strategy.global_state, local.strategy.global_state)
     assert without_time(second.history) == without_time(local.history)
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    for k, client in enumerate(local.clients):
-        assert_same_state(saved["clients"][k]["learner"], client.client_state()["learner"])
+    for k, one in enumerate(local.clients):
+        assert_same_state(saved["clients"][k]["learner"], one.client_state()["learner"])
 
     assert main(["export", "--run_dir", str(run_dir)]) == 0
     assert (run_dir / "prompts.safetensors").is_file()

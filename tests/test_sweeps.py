@@ -26,8 +26,8 @@ from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from fedclip import sweeps
-from fedclip.cli import build_fit_config, fit_parser, main
-from fedclip.config import FitConfig, LoggerConfig
+from fedclip.cli import main
+from fedclip.config import FitConfig, LoggerConfig, build_fit_config, fit_parser
 from fedclip.metrics import base_to_novel_metrics, multilabel_metrics, summarize
 
 from .conftest import tiny_yaml

@@ -13,8 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from fedclip.cli import build_fit_config, fit_parser
-from fedclip.config import FitConfig
+from fedclip.config import FitConfig, build_fit_config, fit_parser
 from fedclip.data.federated import FederatedData
 from fedclip.errors import NodeConfigError
 from fedclip.federation import ClientOutcome, build_fabric, build_runtime, prepare_data

@@ -28,19 +28,16 @@ from typing import Any
 import yaml
 
 from fedclip.checkpoint import write_text_atomic
-from fedclip.cli import (
+from fedclip.config import (
+    FitConfig,
     build_fit_config,
     check_config_files,
     check_resume,
     check_run_name,
     default_run_name,
     fit_parser,
-    one_line,
-    print_table,
-    write_results,
 )
-from fedclip.config import FitConfig
-from fedclip.errors import FedclipError, FederationError, FlowerSetupError
+from fedclip.errors import FedclipError, FederationError, FlowerSetupError, one_line
 from fedclip.federation import RoundLoop, check_config, config_fingerprint, make_loggers
 from fedclip.flower._flwr import Context, Grid, ServerApp, log
 from fedclip.flower.executor import (  # noqa: F401 (the server's public names)
@@ -49,7 +46,7 @@ from fedclip.flower.executor import (  # noqa: F401 (the server's public names)
     flower_reason,
     map_clients,
 )
-from fedclip.report import write_partition
+from fedclip.report import print_table, write_partition, write_results
 
 
 @dataclass

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
 from fedclip.batch import Batch, Input
+from fedclip.errors import ConfigError
 
 
 @dataclass
@@ -67,11 +68,11 @@ class OptimConfig:
         # Checked when the config is built, not by torch at the first local step: by then
         # the run folder exists and every client fails alike.
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"optim.lr must be > 0 and finite, got {self.lr}")
+            raise ConfigError(f"optim.lr must be > 0 and finite, got {self.lr}")
         for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"optim.{name} must be >= 0 and finite, got {value}")
+                raise ConfigError(f"optim.{name} must be >= 0 and finite, got {value}")
 
 
 def build_sgd(
@@ -134,9 +135,9 @@ class MultiLabelConfig:
         for name in ("gamma_pos", "gamma_neg"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"multilabel.{name} must be >= 0 and finite, got {value}")
+                raise ConfigError(f"multilabel.{name} must be >= 0 and finite, got {value}")
         if not 0 <= self.clip < 1:
-            raise ValueError(f"multilabel.clip must be in [0, 1), got {self.clip}")
+            raise ConfigError(f"multilabel.clip must be in [0, 1), got {self.clip}")
 
 
 def asymmetric_loss(

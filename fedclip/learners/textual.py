@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
+from fedclip.errors import BackboneError, ConfigError
 from fedclip.learners.base import PromptLearner
 
 PLACEHOLDER = "X"
@@ -40,9 +41,9 @@ class TextualPrompt(PromptLearner):
     ) -> None:
         super().__init__()
         if n_ctx < 1:
-            raise ValueError(f"TextualPrompt: n_ctx must be >= 1, got {n_ctx}")
+            raise ConfigError(f"TextualPrompt: n_ctx must be >= 1, got {n_ctx}")
         if class_token_position not in {"end", "middle", "front"}:
-            raise ValueError(
+            raise ConfigError(
                 "TextualPrompt: class_token_position must be end, middle or front, "
                 f"got {class_token_position!r}"
             )
@@ -72,7 +73,7 @@ class TextualPrompt(PromptLearner):
 
     def _classes_changed(self) -> None:
         if self.csc:
-            raise ValueError(
+            raise ConfigError(
                 "TextualPrompt: class-specific contexts (csc) cannot classify other classes"
             )
         key = tuple(self.classnames)
@@ -85,7 +86,7 @@ class TextualPrompt(PromptLearner):
         if self.ctx_init:
             ctx = self._phrase_context(clip, self.ctx_init)
             if ctx.shape[0] < 1:
-                raise ValueError(f"TextualPrompt: ctx_init {self.ctx_init!r} has no tokens")
+                raise ConfigError(f"TextualPrompt: ctx_init {self.ctx_init!r} has no tokens")
             self.n_ctx = ctx.shape[0]
             return ctx
         gen = torch.Generator().manual_seed(seed)
@@ -106,7 +107,7 @@ class TextualPrompt(PromptLearner):
             if ctx.shape[0] == self.n_ctx:
                 return ctx
             if self.neg_ctx_init:
-                raise ValueError(
+                raise ConfigError(
                     f"TextualPrompt: neg_ctx_init {self.neg_ctx_init!r} has {ctx.shape[0]} "
                     f"tokens, the context has {self.n_ctx}"
                 )
@@ -135,13 +136,13 @@ class TextualPrompt(PromptLearner):
             layout.content_end(clip.tokenize(["x"]))[0]
         )
         if bool((tokens[:, off : off + n_ctx] != ph).any()):
-            raise ValueError(
+            raise BackboneError(
                 f"TextualPrompt: {clip.name}'s tokenizer does not give one token per context "
                 f"placeholder {PLACEHOLDER!r}"
             )
         if int(end.max()) >= length - 1:
             c = int(end.argmax())
-            raise ValueError(
+            raise ConfigError(
                 f"TextualPrompt: {n_ctx} context tokens + class {classnames[c]!r} do not fit "
                 f"{clip.name}'s {length}-token context; use a smaller n_ctx"
             )
@@ -231,7 +232,7 @@ class ZeroShot(PromptLearner):
         self.templates = list(templates or ["a photo of a {}."])
         self.negative_templates = list(negative_templates or ["a photo without a {}."])
         if not all("{}" in t for t in self.templates + self.negative_templates):
-            raise ValueError("ZeroShot: every template needs a '{}' for the class name")
+            raise ConfigError("ZeroShot: every template needs a '{}' for the class name")
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedclip.errors import ConfigError
 from fedclip.strategies.base import ClientResult, Payload, Strategy
 
 
@@ -80,7 +81,7 @@ class FedProx(FedAvg):
     def __init__(self, mu: float = 0.01, weighted: bool = True) -> None:
         super().__init__(weighted)
         if mu < 0:
-            raise ValueError(f"FedProx: mu must be >= 0, got {mu}")
+            raise ConfigError(f"FedProx: mu must be >= 0, got {mu}")
         self.mu = mu
 
     def configure_round(self, rnd: int, sampled: list[int]) -> dict[int, Payload]:

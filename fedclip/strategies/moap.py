@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedclip.errors import ConfigError
 from fedclip.strategies.base import ClientResult, Payload
 from fedclip.strategies.fedavg import FedAvg
 
@@ -75,16 +76,16 @@ class PFedMoAP(FedAvg):
     ) -> None:
         super().__init__(weighted)
         if num_experts < 1:
-            raise ValueError(f"PFedMoAP: num_experts must be >= 1, got {num_experts}")
+            raise ConfigError(f"PFedMoAP: num_experts must be >= 1, got {num_experts}")
         if selection not in {"knn", "random"}:
-            raise ValueError(f"PFedMoAP: selection must be 'knn' or 'random', got {selection!r}")
+            raise ConfigError(f"PFedMoAP: selection must be 'knn' or 'random', got {selection!r}")
         self.num_experts = num_experts
         self.selection = selection
         self.pool: dict[int, dict[str, Tensor]] = {}
 
     def check_learner(self, learner: Any) -> None:
         if not hasattr(learner, "expert_text_features"):
-            raise ValueError(
+            raise ConfigError(
                 f"PFedMoAP needs a learner that takes experts (fedclip.learners."
                 f"MixtureOfPrompts), got {type(learner).__name__}"
             )
