@@ -7,8 +7,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedclip.data.args import integer
 from fedclip.data.partition.checks import _check_domains, _check_labels
 from fedclip.data.partition.summary import split_like
+from fedclip.errors import ConfigError
 
 
 class Partitioner(abc.ABC):
@@ -20,9 +22,10 @@ class Partitioner(abc.ABC):
     subclass (its docstring says). `domains`, when given, is the int64 domain id (N,) of every
     sample (`DatasetSource.domains("train")`); partitioners with `needs_domains` refuse to run
     without it, the others ignore it. The result depends only on (constructor arguments, labels,
-    num_clients, seed, domains). Bad arguments raise ValueError naming the argument: constructor
-    arguments when the partitioner is built, infeasible combinations with the labels before
-    anything is drawn.
+    num_clients, seed, domains). Bad arguments raise `ConfigError` naming the argument:
+    constructor arguments when the partitioner is built, `num_clients` and infeasible
+    combinations with the labels before anything is drawn; bad labels or domain ids are a
+    `DataError`.
 
     `split_test(...)` gives each client its test indices (by default with its train label
     distribution, `split_like`), and `domain_of_clients(domains, num_clients)` says which
@@ -38,13 +41,11 @@ class Partitioner(abc.ABC):
         self, labels: np.ndarray, num_clients: int, seed: int, domains: np.ndarray | None = None
     ) -> list[np.ndarray]:
         labels = _check_labels(labels)
-        if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-            raise ValueError(f"num_clients must be an integer >= 1, got {num_clients}")
-        num_clients = int(num_clients)
+        num_clients = integer(type(self).__name__, "num_clients", num_clients, minimum=1)
         if domains is not None:
             domains = _check_domains(domains, len(labels))
         elif self.needs_domains:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} needs the domain of every sample (domains=...): use a "
                 "multi-domain data set (DomainNet, PACS, OfficeHome, ...)"
             )
@@ -81,7 +82,7 @@ class Partitioner(abc.ABC):
     def _check(  # noqa: B027 (optional hook)
         self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None
     ) -> None:
-        """Raise ValueError if this partitioner cannot split `labels` among `num_clients`."""
+        """Raise `ConfigError` if this partitioner cannot split `labels` among `num_clients`."""
 
     @abc.abstractmethod
     def _split(

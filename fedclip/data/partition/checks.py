@@ -1,29 +1,34 @@
-"""Argument checks shared by the partitioners: labels, domain ids and index arrays."""
+"""Input checks shared by the partitioners: labels, domain ids and index arrays.
+
+Labels and domain ids come from the data set, so a bad one is a `DataError`; index arrays are
+made by a partitioner, so a bad one is a bug (ValueError)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from fedclip.errors import DataError
+
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise DataError(f"labels must be 1-D, got shape {labels.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        raise DataError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0, got {labels.min()}")
+        raise DataError(f"labels must be >= 0, got {labels.min()}")
     return labels.astype(np.int64, copy=False)
 
 
 def _check_domains(domains: np.ndarray, n: int) -> np.ndarray:
     domains = np.asarray(domains)
     if domains.shape != (n,):
-        raise ValueError(f"domains must be 1-D with one id per sample ({n}), got {domains.shape}")
+        raise DataError(f"domains must be 1-D with one id per sample ({n}), got {domains.shape}")
     if n and not np.issubdtype(domains.dtype, np.integer):
-        raise ValueError(f"domains must be integers, got dtype {domains.dtype}")
+        raise DataError(f"domains must be integers, got dtype {domains.dtype}")
     if n and domains.min() < 0:
-        raise ValueError(f"domains must be >= 0, got {domains.min()}")
+        raise DataError(f"domains must be >= 0, got {domains.min()}")
     return domains.astype(np.int64, copy=False)
 
 

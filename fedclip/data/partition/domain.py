@@ -4,14 +4,15 @@ all but a held-out one (`LeaveOneDomainOut`)."""
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 
+from fedclip.data.args import integer, positive
 from fedclip.data.partition.base import Partitioner
 from fedclip.data.partition.checks import _check_domains, _check_labels, _check_parts
 from fedclip.data.partition.label import IID, Dirichlet
 from fedclip.data.partition.summary import split_like
+from fedclip.errors import ConfigError, DataError, FedclipError
 
 
 class ByDomain(Partitioner):
@@ -39,11 +40,9 @@ class ByDomain(Partitioner):
 
     def __init__(self, clients_per_domain: int = 1, inner: Partitioner | None = None):
         name = type(self).__name__
-        if isinstance(clients_per_domain, bool) or clients_per_domain < 1:
-            raise ValueError(f"{name}: clients_per_domain must be >= 1, got {clients_per_domain}")
+        self.clients_per_domain = integer(name, "clients_per_domain", clients_per_domain, 1)
         if inner is not None and not isinstance(inner, Partitioner):
-            raise TypeError(f"{name}: inner must be a Partitioner or None, got {inner!r}")
-        self.clients_per_domain = int(clients_per_domain)
+            raise ConfigError(f"{name}: inner must be a Partitioner or None, got {inner!r}")
         self.inner = IID() if inner is None else inner
 
     def bind(self, source) -> ByDomain:
@@ -63,7 +62,7 @@ class ByDomain(Partitioner):
         used = self._client_domains(domains)
         m = self.clients_per_domain
         if num_clients != len(used) * m:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: num_clients={num_clients} must equal the "
                 f"{len(used)} domains x clients_per_domain={m} = {len(used) * m}"
             )
@@ -71,7 +70,7 @@ class ByDomain(Partitioner):
 
     def _check(self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None) -> None:
         if domains is None:  # reached through a wrapper such as FewShot
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} needs the domain of every sample (domains=...)"
             )
         self.domain_of_clients(domains, num_clients)  # checks num_clients
@@ -79,8 +78,9 @@ class ByDomain(Partitioner):
             idx = np.flatnonzero(domains == d)
             try:
                 self.inner._check(labels[idx], self.clients_per_domain, domains[idx])
-            except ValueError as e:
-                raise ValueError(f"{type(self).__name__}: in domain {d}: {e}") from None
+            except ValueError as e:  # an inner `_check` says it is infeasible: a user error
+                error = type(e) if isinstance(e, FedclipError) else ConfigError
+                raise error(f"{type(self).__name__}: in domain {d}: {e}") from None
 
     def _split(
         self,
@@ -144,13 +144,11 @@ class DomainDirichlet(ByDomain):
     """
 
     def __init__(self, alpha: float = 0.5, clients_per_domain: int = 2, min_size: int = 2):
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"DomainDirichlet: alpha must be > 0 and finite, got {alpha}")
-        if min_size < 0:
-            raise ValueError(f"DomainDirichlet: min_size must be >= 0, got {min_size}")
+        alpha = positive("DomainDirichlet", "alpha", alpha)
+        min_size = integer("DomainDirichlet", "min_size", min_size, minimum=0)
         super().__init__(clients_per_domain, Dirichlet(alpha, min_size))
-        self.alpha = float(alpha)
-        self.min_size = int(min_size)
+        self.alpha = alpha
+        self.min_size = min_size
 
     def __repr__(self) -> str:
         return (
@@ -185,13 +183,13 @@ class LeaveOneDomainOut(ByDomain):
         inner: Partitioner | None = None,
     ):
         if isinstance(held_out, bool) or not isinstance(held_out, (str, int)):
-            raise ValueError(
+            raise ConfigError(
                 f"LeaveOneDomainOut: held_out must be a domain name or id, got {held_out!r}"
             )
         if isinstance(held_out, int) and held_out < 0:
-            raise ValueError(f"LeaveOneDomainOut: held_out must be >= 0, got {held_out}")
+            raise ConfigError(f"LeaveOneDomainOut: held_out must be >= 0, got {held_out}")
         if isinstance(held_out, str) and not held_out:
-            raise ValueError("LeaveOneDomainOut: held_out must not be empty")
+            raise ConfigError("LeaveOneDomainOut: held_out must not be empty")
         super().__init__(clients_per_domain, inner)
         self.held_out = held_out
 
@@ -200,21 +198,21 @@ class LeaveOneDomainOut(ByDomain):
         `domain_names`."""
         names = getattr(source, "domain_names", None)
         if names is None:
-            raise ValueError(
+            raise ConfigError(
                 f"LeaveOneDomainOut: data set {type(source).__name__} has no domains; use a "
                 "multi-domain data set (DomainNet, PACS, OfficeHome, ...)"
             )
         names = list(names)
         if isinstance(self.held_out, str):
             if self.held_out not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"LeaveOneDomainOut: held_out={self.held_out!r} is not a domain of "
                     f"{type(source).__name__}; its domains are {', '.join(names)}"
                 )
             held_out = names.index(self.held_out)
         else:
             if self.held_out >= len(names):
-                raise ValueError(
+                raise ConfigError(
                     f"LeaveOneDomainOut: held_out={self.held_out} but {type(source).__name__} "
                     f"has {len(names)} domains ({', '.join(names)})"
                 )
@@ -239,12 +237,12 @@ class LeaveOneDomainOut(ByDomain):
             present = np.unique(domains)
             h = self._held_out()
             if h not in present:
-                raise ValueError(
+                raise ConfigError(
                     f"LeaveOneDomainOut: held_out={h} is not among the domains present "
                     f"{present.tolist()}"
                 )
             if len(present) < 2:
-                raise ValueError("LeaveOneDomainOut: needs at least two domains, got one")
+                raise ConfigError("LeaveOneDomainOut: needs at least two domains, got one")
         super()._check(labels, num_clients, domains)
 
     def split_test(
@@ -267,7 +265,7 @@ class LeaveOneDomainOut(ByDomain):
         h = self._held_out()
         idx = np.flatnonzero(test_domains == h)
         if len(idx) == 0:
-            raise ValueError(f"LeaveOneDomainOut: the held-out domain {h} has no test samples")
+            raise DataError(f"LeaveOneDomainOut: the held-out domain {h} has no test samples")
         rng = np.random.default_rng(seed)
         order = idx[rng.permutation(len(idx))]
         order = order[np.argsort(test_labels[order], kind="stable")]  # shuffled, by class

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from fedclip.data.args import integer, positive
 from fedclip.data.partition.base import Partitioner
+from fedclip.errors import ConfigError
 
 
 class IID(Partitioner):
@@ -17,7 +17,7 @@ class IID(Partitioner):
 
     def _check(self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None) -> None:
         if num_clients > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"IID: num_clients={num_clients} exceeds the number of samples {len(labels)}"
             )
 
@@ -48,19 +48,13 @@ class Dirichlet(Partitioner):
     """
 
     def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 1000):
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"Dirichlet: alpha must be > 0 and finite, got {alpha}")
-        if min_size < 0:
-            raise ValueError(f"Dirichlet: min_size must be >= 0, got {min_size}")
-        if max_tries < 1:
-            raise ValueError(f"Dirichlet: max_tries must be >= 1, got {max_tries}")
-        self.alpha = float(alpha)
-        self.min_size = int(min_size)
-        self.max_tries = int(max_tries)
+        self.alpha = positive("Dirichlet", "alpha", alpha)
+        self.min_size = integer("Dirichlet", "min_size", min_size, minimum=0)
+        self.max_tries = integer("Dirichlet", "max_tries", max_tries, minimum=1)
 
     def _check(self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None) -> None:
         if self.min_size * num_clients > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"Dirichlet: min_size={self.min_size} x num_clients={num_clients} exceeds the "
                 f"number of samples {len(labels)}; lower min_size or use fewer clients"
             )
@@ -88,7 +82,7 @@ class Dirichlet(Partitioner):
                     sizes[k] += len(share)
             if sizes.min() >= self.min_size:
                 return [np.concatenate(p) if p else np.empty(0, np.int64) for p in parts]
-        raise ValueError(
+        raise ConfigError(
             f"Dirichlet: could not give every one of {num_clients} clients min_size="
             f"{self.min_size} samples in max_tries={self.max_tries} draws (alpha={self.alpha}, "
             f"{n} samples); use a larger alpha, fewer clients or a smaller min_size"
@@ -115,14 +109,9 @@ class TwoLevelDirichlet(Partitioner):
     """
 
     def __init__(self, beta: float = 0.5, alpha: float = 10.0, groups: list[int] | None = None):
-        for name, value in (("beta", beta), ("alpha", alpha)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"TwoLevelDirichlet: {name} must be > 0 and finite, got {value}")
-        if groups is not None and (len(groups) == 0 or min(groups) < 0):
-            raise ValueError("TwoLevelDirichlet: groups must be a non-empty list of ids >= 0")
-        self.beta = float(beta)
-        self.alpha = float(alpha)
-        self.groups = None if groups is None else [int(g) for g in groups]
+        self.beta = positive("TwoLevelDirichlet", "beta", beta)
+        self.alpha = positive("TwoLevelDirichlet", "alpha", alpha)
+        self.groups = None if groups is None else _group_ids(groups)
 
     def bind(self, source) -> TwoLevelDirichlet:
         """Takes the data set's `class_groups` when no groups were given."""
@@ -130,7 +119,7 @@ class TwoLevelDirichlet(Partitioner):
             return self
         groups = getattr(source, "class_groups", None)
         if groups is None:
-            raise ValueError(
+            raise ConfigError(
                 f"TwoLevelDirichlet: data set {type(source).__name__} has no class groups; "
                 "give the group of every class in partitioner.init_args.groups"
             )
@@ -138,17 +127,17 @@ class TwoLevelDirichlet(Partitioner):
 
     def _check(self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None) -> None:
         if self.groups is None:
-            raise ValueError(
+            raise ConfigError(
                 "TwoLevelDirichlet: no class groups (set groups, or use a data set that has "
                 "them, like CIFAR100)"
             )
         if labels.size and labels.max() >= len(self.groups):
-            raise ValueError(
+            raise ConfigError(
                 f"TwoLevelDirichlet: groups cover {len(self.groups)} classes but labels go up "
                 f"to {labels.max()}"
             )
         if num_clients > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"TwoLevelDirichlet: num_clients={num_clients} exceeds the number of samples "
                 f"{len(labels)}"
             )
@@ -187,3 +176,14 @@ class TwoLevelDirichlet(Partitioner):
                 need -= int(counts.sum())
             parts.append(np.asarray(taken, dtype=np.int64))
         return parts
+
+
+def _group_ids(groups) -> list[int]:
+    """TwoLevelDirichlet's `groups` as a list of ints, checked: non-empty, every id >= 0."""
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) == 0:
+        raise ConfigError(
+            f"TwoLevelDirichlet: groups must be a non-empty list of ids >= 0, got {groups!r}"
+        )
+    return [
+        integer("TwoLevelDirichlet", f"groups[{c}]", g, minimum=0) for c, g in enumerate(groups)
+    ]

@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 
+from fedclip.data.args import flag, integer
 from fedclip.data.partition.base import Partitioner
 from fedclip.data.partition.label import IID
+from fedclip.errors import ConfigError
 
 
 class Pathological(Partitioner):
@@ -32,30 +34,27 @@ class Pathological(Partitioner):
     """
 
     def __init__(self, classes_per_client: int = 2, balanced: bool = True, disjoint: bool = False):
-        if classes_per_client < 1:
-            raise ValueError(
-                f"Pathological: classes_per_client must be >= 1, got {classes_per_client}"
-            )
-        self.classes_per_client = int(classes_per_client)
-        self.balanced = bool(balanced)
-        self.disjoint = bool(disjoint)
+        owner = "Pathological"
+        self.classes_per_client = integer(owner, "classes_per_client", classes_per_client, 1)
+        self.balanced = flag(owner, "balanced", balanced)
+        self.disjoint = flag(owner, "disjoint", disjoint)
 
     def _check(self, labels: np.ndarray, num_clients: int, domains: np.ndarray | None) -> None:
         classes, counts = np.unique(labels, return_counts=True)
         m, c = self.classes_per_client, len(classes)
         if m > c:
-            raise ValueError(
+            raise ConfigError(
                 f"Pathological: classes_per_client={m} exceeds the {c} classes present"
             )
         if self.disjoint and num_clients * m > c:
-            raise ValueError(
+            raise ConfigError(
                 f"Pathological: disjoint=True needs num_clients x classes_per_client <= {c} "
                 f"classes, got {num_clients} x {m}; lower classes_per_client to {c // num_clients}"
                 " or use fewer clients"
             )
         owners = math.ceil(num_clients * m / c)
         if counts.min() < owners:
-            raise ValueError(
+            raise ConfigError(
                 f"Pathological: class {classes[counts.argmin()]} has {counts.min()} samples but "
                 f"may be shared by {owners} clients (num_clients={num_clients}, "
                 f"classes_per_client={m}); use fewer clients or a smaller classes_per_client"
@@ -101,11 +100,9 @@ class FewShot(Partitioner):
     """
 
     def __init__(self, shots: int = 16, inner: Partitioner | None = None):
-        if shots < 1:
-            raise ValueError(f"FewShot: shots must be >= 1, got {shots}")
+        self.shots = integer("FewShot", "shots", shots, minimum=1)
         if inner is not None and not isinstance(inner, Partitioner):
-            raise TypeError(f"FewShot: inner must be a Partitioner or None, got {inner!r}")
-        self.shots = int(shots)
+            raise ConfigError(f"FewShot: inner must be a Partitioner or None, got {inner!r}")
         self.inner = IID() if inner is None else inner
 
     @property
@@ -172,15 +169,13 @@ class PathologicalFewShot(Partitioner):
     """
 
     def __init__(self, shots: int = 16, classes_per_client: int | None = None):
-        if shots < 1:
-            raise ValueError(f"PathologicalFewShot: shots must be >= 1, got {shots}")
-        if classes_per_client is not None and classes_per_client < 1:
-            raise ValueError(
-                "PathologicalFewShot: classes_per_client must be >= 1 or None, got "
-                f"{classes_per_client}"
-            )
-        self.shots = int(shots)
-        self.classes_per_client = None if classes_per_client is None else int(classes_per_client)
+        owner = "PathologicalFewShot"
+        self.shots = integer(owner, "shots", shots, minimum=1)
+        self.classes_per_client = (
+            None
+            if classes_per_client is None
+            else integer(owner, "classes_per_client", classes_per_client, minimum=1)
+        )
 
     def _composed(self, labels: np.ndarray, num_clients: int) -> FewShot:
         m = self.classes_per_client
@@ -188,7 +183,7 @@ class PathologicalFewShot(Partitioner):
             c = len(np.unique(labels))
             m = c // num_clients
             if m < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"PathologicalFewShot: num_clients={num_clients} exceeds the {c} classes "
                     "present, so clients cannot each hold a class of their own; use fewer clients"
                 )
