@@ -29,6 +29,7 @@ from fedclip.data.multilabel import (
     MultiShapes,
     rarest_labels,
 )
+from fedclip.errors import ConfigError
 
 LOGGER = "fedclip.data.multilabel"
 
@@ -248,10 +249,17 @@ def test_multishapes_objects_and_rarest_labels():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_classes": 0}, {"num_classes": 57}, {"max_objects": 0}, {"num_classes": 2}, {"seed": -1}],
+    [
+        {"num_classes": 0},
+        {"num_classes": 57},
+        {"max_objects": 0},
+        {"num_classes": 2},
+        {"seed": -1},
+        {"train_images": None},
+    ],
 )
 def test_multishapes_arguments(kwargs):
-    with pytest.raises(ValueError, match="MultiShapes"):
+    with pytest.raises(ConfigError, match="MultiShapes"):
         MultiShapes(**kwargs)  # num_classes=2 < the default max_objects=3
 
 

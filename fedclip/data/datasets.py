@@ -23,7 +23,8 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from fedclip.errors import DataError
+from fedclip.data.args import integer
+from fedclip.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
 
@@ -232,14 +233,13 @@ def paint_shape(
 
 
 def check_shapes_args(owner: str, num_classes: int, **counts: int) -> None:
-    """ValueError naming the argument unless every count is >= 1 and num_classes is 1 to
-    the number of colour-shape classes."""
+    """`ConfigError` naming the argument unless every count is an integer >= 1 and
+    num_classes is 1 to the number of colour-shape classes."""
     for arg, value in {"num_classes": num_classes, **counts}.items():
-        if value < 1:
-            raise ValueError(f"{owner}: {arg} must be >= 1, got {value}")
+        integer(owner, arg, value, minimum=1)
     max_classes = len(COLOURS) * len(SHAPES)
     if num_classes > max_classes:
-        raise ValueError(f"{owner}: num_classes must be <= {max_classes}, got {num_classes}")
+        raise ConfigError(f"{owner}: num_classes must be <= {max_classes}, got {num_classes}")
 
 
 class _ShapesImages(torch.utils.data.Dataset):
@@ -298,13 +298,11 @@ class Shapes(DatasetSource):
             test_per_class=test_per_class,
             image_size=image_size,
         )
-        if seed < 0:
-            raise ValueError(f"Shapes: seed must be >= 0, got {seed}")
-        self._num_classes = num_classes
-        self.train_per_class = train_per_class
-        self.test_per_class = test_per_class
-        self.image_size = image_size
-        self.seed = seed
+        self._num_classes = int(num_classes)
+        self.train_per_class = int(train_per_class)
+        self.test_per_class = int(test_per_class)
+        self.image_size = int(image_size)
+        self.seed = integer("Shapes", "seed", seed, minimum=0)
 
     @property
     def num_classes(self) -> int:
@@ -467,9 +465,11 @@ class CIFAR100(_CIFAR):
             dataset = self._load(split)  # checks the files, downloads them if asked
             # torchvision keeps only the fine labels, so read the split's pickle once more.
             filename = (dataset.train_list if split == "train" else dataset.test_list)[0][0]
-            with open(os.path.join(self.folder, filename), "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            self._coarse[split] = np.asarray(entry["coarse_labels"], dtype=np.int64)
+            entry = self._unpickle(filename)
+            try:
+                self._coarse[split] = np.asarray(entry["coarse_labels"], dtype=np.int64)
+            except (KeyError, TypeError, ValueError):
+                raise self._not_batches(filename, "no coarse_labels") from None
         return self._coarse[split]
 
     @property
@@ -485,6 +485,24 @@ class CIFAR100(_CIFAR):
     def coarse_classnames(self) -> list[str]:
         """Readable superclass names, index = coarse label."""
         self._load("test")
-        with open(os.path.join(self.folder, "meta"), "rb") as f:
-            meta = pickle.load(f, encoding="latin1")
-        return [c.replace("_", " ") for c in meta["coarse_label_names"]]
+        meta = self._unpickle("meta")
+        try:
+            return [c.replace("_", " ") for c in meta["coarse_label_names"]]
+        except (KeyError, TypeError, AttributeError):
+            raise self._not_batches("meta", "no coarse_label_names") from None
+
+    def _unpickle(self, filename: str) -> Any:
+        """One of the published pickles, read again (torchvision keeps only the fine labels);
+        torchvision has already checked that it is there."""
+        try:
+            with open(os.path.join(self.folder, filename), "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise self._not_batches(filename, f"{type(e).__name__}: {e}") from None
+
+    def _not_batches(self, filename: str, reason: str) -> DataError:
+        reason = (reason.splitlines() or [""])[0][:120]
+        return DataError(
+            f"{self._title} under {self.root} is corrupt: {os.path.join(self.folder, filename)} "
+            f"is not a CIFAR-100 python batch ({reason}); {_CIFAR_URL}"
+        )

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fedclip.data.args import integer
 from fedclip.data.datasets import (
     SHAPES,
     SPLITS,
@@ -17,6 +18,7 @@ from fedclip.data.datasets import (
     shapes_combination,
 )
 from fedclip.data.multilabel.base import MultiLabelSource
+from fedclip.errors import ConfigError
 
 
 def draw_shape_into(
@@ -82,18 +84,16 @@ class MultiShapes(MultiLabelSource):
             max_objects=max_objects,
         )
         if max_objects > num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"MultiShapes: max_objects must be <= num_classes ({num_classes}), "
                 f"got {max_objects}"
             )
-        if seed < 0:
-            raise ValueError(f"MultiShapes: seed must be >= 0, got {seed}")
-        self._num_classes = num_classes
-        self.train_images = train_images
-        self.test_images = test_images
-        self.image_size = image_size
-        self.max_objects = max_objects
-        self.seed = seed
+        self._num_classes = int(num_classes)
+        self.train_images = int(train_images)
+        self.test_images = int(test_images)
+        self.image_size = int(image_size)
+        self.max_objects = int(max_objects)
+        self.seed = integer("MultiShapes", "seed", seed, minimum=0)
         self.grid = math.ceil(math.sqrt(max_objects))  # cells per side, one object per cell
 
     @property
