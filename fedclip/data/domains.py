@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedclip.data.datasets import SPLITS, DataError, DatasetSource, _check_split
+from fedclip.data.datasets import SPLITS, DatasetSource, _check_split
 from fedclip.data.files import ImageList, missing, seeded_split
+from fedclip.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 TEST_FRACTION = 0.2  # of every class of every domain, where no official split exists
@@ -53,6 +54,11 @@ class _Loaded:
     labels: dict[str, np.ndarray]
     domains: dict[str, np.ndarray]
     digest: dict[str, str]
+
+
+def _is_list(value: object) -> bool:
+    """A list or tuple (of names): what a YAML list becomes; a string is not one."""
+    return isinstance(value, (list, tuple))
 
 
 class DomainFolders(DatasetSource):
@@ -84,16 +90,16 @@ class DomainFolders(DatasetSource):
     def _pick_domains(self, domains: Sequence[str] | None) -> list[str]:
         if domains is None:
             return list(self.all_domains)
-        if isinstance(domains, str) or len(domains) == 0:
-            raise ValueError(f"{self.title}: domains must be a non-empty list, got {domains!r}")
+        if not _is_list(domains) or len(domains) == 0:
+            raise ConfigError(f"{self.title}: domains must be a non-empty list, got {domains!r}")
         unknown = [d for d in domains if d not in self.all_domains]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.title}: unknown domain {unknown[0]!r}; its domains are "
                 f"{', '.join(self.all_domains)}"
             )
         if len(set(domains)) != len(domains):
-            raise ValueError(f"{self.title}: domains has repeats: {list(domains)}")
+            raise ConfigError(f"{self.title}: domains has repeats: {list(domains)}")
         return [d for d in self.all_domains if d in domains]
 
     @property
@@ -311,17 +317,22 @@ class DomainNet(DomainFolders):
         super().__init__(root, domains)
         if isinstance(classes, str):
             if classes not in ("fedbn10", "all"):
-                raise ValueError(
+                raise ConfigError(
                     f"DomainNet: classes must be 'fedbn10', 'all' or a list of class names, "
                     f"got {classes!r}"
                 )
             self.classes: str | list[str] = classes
         else:
-            names = [str(c).strip().replace(" ", "_") for c in classes]
+            if not _is_list(classes) or not all(isinstance(c, str) for c in classes):
+                raise ConfigError(
+                    f"DomainNet: classes must be 'fedbn10', 'all' or a list of class names, "
+                    f"got {classes!r}"
+                )
+            names = [c.strip().replace(" ", "_") for c in classes]
             if not names or any(not c for c in names):
-                raise ValueError(f"DomainNet: classes must be a non-empty list, got {classes!r}")
+                raise ConfigError(f"DomainNet: classes must be a non-empty list, got {classes!r}")
             if len(set(names)) != len(names):
-                raise ValueError(f"DomainNet: classes has repeats: {list(classes)}")
+                raise ConfigError(f"DomainNet: classes has repeats: {list(classes)}")
             self.classes = names
 
     @property
