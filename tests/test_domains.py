@@ -250,6 +250,10 @@ def test_pacs_bad_lists(tmp_path):
     (lists / "photo_train_kfold.txt").write_text("photo/dog/pic_000.jpg 0")  # labels from 1
     with pytest.raises(DataError, match="photo_train_kfold.txt:1"):
         PACS(root=str(tmp_path), domains=["photo"]).check()
+    (lists / "photo_train_kfold.txt").write_bytes(b"photo/dog/\xff\xfe.jpg 1")  # not UTF-8
+    with pytest.raises(DataError, match="cannot read .*photo_train_kfold.txt") as info:
+        PACS(root=str(tmp_path), domains=["photo"]).check()
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -530,6 +530,10 @@ def test_nuswide_misaligned_labels(tmp_path):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     path.unlink()
     one_line_missing(NUSWIDE(root=str(tmp_path)), str(path), NUSWIDE.url)
+    path.mkdir()  # a folder where the labels file should be
+    with pytest.raises(DataError, match="cannot read") as info:
+        NUSWIDE(root=str(tmp_path)).check()
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,8 +155,13 @@ class DomainFolders(DatasetSource):
         label id of every class, counted from `first_label`."""
         if not path.is_file():
             raise missing(f"{self.title} split list", path, self._how())
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = (str(e).splitlines() or [""])[0]
+            raise DataError(f"cannot read {path} ({type(e).__name__}: {reason})") from None
         items, ids = [], {}
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.rsplit(None, 1)

@@ -163,8 +163,9 @@ class _CoOpDataset(DatasetSource):
                     split = self._scan()
                 except DataError:
                     raise
-                except (KeyError, ValueError, IndexError, TypeError) as e:
-                    # A list naming an unknown class, a malformed line, ...: one line, no trace.
+                except (KeyError, ValueError, IndexError, TypeError, OSError) as e:
+                    # A list naming an unknown class, a malformed line, an unreadable folder
+                    # ...: one line, no trace.
                     reason = (str(e).splitlines() or [""])[0]
                     raise DataError(
                         f"cannot read {self.title} under {self.folder} "

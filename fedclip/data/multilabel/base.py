@@ -219,8 +219,12 @@ class _OnDisk(MultiLabelSource):
     def _lines(self, path: Path) -> list[str]:
         """Stripped, non-empty lines of a text file (CRLF or LF)."""
         self._require(path)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [s for s in (line.strip() for line in f) if s]
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return [s for s in (line.strip() for line in f) if s]
+        except OSError as e:  # a folder where the file should be, no permission, ...
+            reason = (str(e).splitlines() or [""])[0]
+            raise DataError(f"cannot read {path} ({type(e).__name__}: {reason})") from None
 
     def _image(self, split: str, ref: str) -> Image.Image:
         return _open_rgb(self.folder / ref)

@@ -68,8 +68,7 @@ class NUSWIDE(_OnDisk):
         targets = np.zeros((len(paths), len(concepts)), dtype=np.uint8)
         for c, concept in enumerate(concepts):
             path = self.folder / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{tag}.txt"
-            self._require(path)
-            values = path.read_text(encoding="utf-8", errors="replace").split()
+            values = " ".join(self._lines(path)).split()
             try:
                 column = np.array(values, dtype=np.int64)
             except ValueError:
