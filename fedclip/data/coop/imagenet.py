@@ -14,8 +14,8 @@ from fedclip.data.coop.base import (
     _Split,
     _subdirs,
 )
-from fedclip.data.datasets import DataError
 from fedclip.data.files import missing
+from fedclip.errors import DataError
 
 
 def _read_wnids(path: Path) -> tuple[list[str], list[str]]:

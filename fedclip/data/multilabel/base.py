@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedclip.data.datasets import SPLITS, DataError, DatasetSource, _check_split
+from fedclip.data.datasets import SPLITS, DatasetSource, _check_split
 from fedclip.data.files import missing
+from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)
 

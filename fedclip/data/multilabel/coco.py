@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from fedclip.data.datasets import DataError
 from fedclip.data.multilabel.base import _OnDisk
+from fedclip.errors import DataError
 
 
 class COCO2014(_OnDisk):

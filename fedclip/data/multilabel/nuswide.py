@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedclip.data.datasets import DataError
 from fedclip.data.multilabel.base import _OnDisk
+from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)
 

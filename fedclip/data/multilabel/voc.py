@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
-from fedclip.data.datasets import DataError
 from fedclip.data.files import missing
 from fedclip.data.multilabel.base import _OnDisk
+from fedclip.errors import DataError
 
 try:  # what torchvision's VOC reader uses too: hardened against hostile XML when installed
     from defusedxml.ElementTree import parse as _parse_xml
