@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedclip.data.datasets import SPLITS, DatasetSource, _check_split
 from fedclip.data.files import ImageList, missing, seeded_split
+from fedclip.data.source import SPLITS, DatasetSource, _check_split
 from fedclip.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")

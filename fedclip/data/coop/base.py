@@ -18,8 +18,8 @@ import torch
 import torchvision
 from scipy.io.matlab import MatReadError
 
-from fedclip.data.datasets import SPLITS, DatasetSource, _check_split
 from fedclip.data.files import ImageList, Item, missing, seeded_split
+from fedclip.data.source import SPLITS, DatasetSource, _check_split
 from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)

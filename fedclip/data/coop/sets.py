@@ -18,8 +18,8 @@ from fedclip.data.coop.base import (
     _Split,
     _subdirs,
 )
-from fedclip.data.datasets import SPLITS
 from fedclip.data.files import Item
+from fedclip.data.source import SPLITS
 
 
 class Caltech101(_CoOpDataset):

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedclip.data.datasets import SPLITS, DatasetSource, _check_split
 from fedclip.data.files import missing
+from fedclip.data.source import SPLITS, DatasetSource, _check_split
 from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -8,16 +8,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fedclip.data.args import integer
-from fedclip.data.datasets import (
+from fedclip.data.multilabel.base import MultiLabelSource
+from fedclip.data.shapes import (
     SHAPES,
-    SPLITS,
-    _check_split,
     check_shapes_args,
     jittered_colour,
     paint_shape,
     shapes_combination,
 )
-from fedclip.data.multilabel.base import MultiLabelSource
+from fedclip.data.source import SPLITS, _check_split
 from fedclip.errors import ConfigError
 
 
