@@ -18,9 +18,9 @@ from fedclip.errors import ConfigError
 
 def integer(owner: str, name: str, value: Any, minimum: int | None = None) -> int:
     """`value` as an int (an integral float is accepted, a bool is not), >= `minimum`."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok and isinstance(value, float):
-        ok = math.isfinite(value) and value.is_integer()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if ok and not isinstance(value, numbers.Integral):
+        ok = math.isfinite(value) and float(value).is_integer()
     if not ok:
         raise ConfigError(f"{owner}: {name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
@@ -30,7 +30,7 @@ def integer(owner: str, name: str, value: Any, minimum: int | None = None) -> in
 
 def positive(owner: str, name: str, value: Any) -> float:
     """`value` as a float, finite and > 0."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if not (ok and value > 0 and math.isfinite(value)):
         raise ConfigError(f"{owner}: {name} must be > 0 and finite, got {value!r}")
     return float(value)
