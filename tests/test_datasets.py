@@ -12,6 +12,7 @@ import pytest
 import torchvision
 
 from fedclip.data import CIFAR10, CIFAR100, DataError, IndexedSubset, Shapes
+from fedclip.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
@@ -103,10 +104,12 @@ def test_shapes_classes_look_different():
         ({"test_per_class": 0}, "test_per_class"),
         ({"image_size": 0}, "image_size"),
         ({"seed": -1}, "seed"),
+        ({"num_classes": "3"}, "num_classes"),
+        ({"image_size": 31.5}, "image_size"),
     ],
 )
 def test_shapes_bad_args(kwargs, arg):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ConfigError, match=arg):
         Shapes(**kwargs)
 
 
@@ -236,6 +239,22 @@ def test_cifar100(tmp_path, skip_md5):
     assert src.class_groups == [FINE_TO_COARSE[c] if c in present else -1 for c in range(5)]
     sub = IndexedSubset(src.dataset("test", None), [4, 1])
     assert [sub[j][1:] for j in range(2)] == [(truth["test"][1][4], 4), (truth["test"][1][1], 1)]
+
+
+def test_cifar100_without_coarse_labels_is_one_line(tmp_path, skip_md5):
+    write_cifar100(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    with open(folder / "train", "rb") as f:
+        batch = pickle.load(f)
+    del batch["coarse_labels"]
+    dump(folder / "train", batch)
+    dump(folder / "meta", {"fine_label_names": CIFAR100_FINE})
+    src = CIFAR100(root=str(tmp_path))
+    with pytest.raises(DataError, match="no coarse_labels") as info:
+        src.coarse_labels("train")
+    assert "\n" not in str(info.value) and str(folder / "train") in str(info.value)
+    with pytest.raises(DataError, match="no coarse_label_names"):
+        _ = src.coarse_classnames
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from fedclip.data.partition import (
     LeaveOneDomainOut,
     partition_summary,
 )
+from fedclip.errors import ConfigError
 
 
 def colour(domain: int, cls: int) -> tuple[int, int, int]:
@@ -157,10 +158,11 @@ def test_domain_subset(tmp_path):
         ({"domains": []}, "non-empty"),
         ({"domains": "amazon"}, "non-empty list"),
         ({"domains": ["dslr", "dslr"]}, "repeats"),
+        ({"domains": 3}, "non-empty list"),
     ],
 )
 def test_bad_domains(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         OfficeCaltech10(**kwargs)
 
 
@@ -248,6 +250,10 @@ def test_pacs_bad_lists(tmp_path):
     (lists / "photo_train_kfold.txt").write_text("photo/dog/pic_000.jpg 0")  # labels from 1
     with pytest.raises(DataError, match="photo_train_kfold.txt:1"):
         PACS(root=str(tmp_path), domains=["photo"]).check()
+    (lists / "photo_train_kfold.txt").write_bytes(b"photo/dog/\xff\xfe.jpg 1")  # not UTF-8
+    with pytest.raises(DataError, match="cannot read .*photo_train_kfold.txt") as info:
+        PACS(root=str(tmp_path), domains=["photo"]).check()
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,10 +324,12 @@ def test_domainnet_classes(domainnet_root):
         ({"classes": []}, "non-empty list"),
         ({"classes": ["zebra", "zebra"]}, "repeats"),
         ({"domains": ["clipart", "photo"]}, "unknown domain 'photo'; its domains are clipart"),
+        ({"classes": 10}, "classes must be 'fedbn10', 'all' or a list"),
+        ({"classes": ["zebra", None]}, "classes must be 'fedbn10', 'all' or a list"),
     ],
 )
 def test_domainnet_bad_args(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         DomainNet(**kwargs)
 
 

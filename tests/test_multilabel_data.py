@@ -29,6 +29,7 @@ from fedclip.data.multilabel import (
     MultiShapes,
     rarest_labels,
 )
+from fedclip.errors import ConfigError
 
 LOGGER = "fedclip.data.multilabel"
 
@@ -248,10 +249,17 @@ def test_multishapes_objects_and_rarest_labels():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_classes": 0}, {"num_classes": 57}, {"max_objects": 0}, {"num_classes": 2}, {"seed": -1}],
+    [
+        {"num_classes": 0},
+        {"num_classes": 57},
+        {"max_objects": 0},
+        {"num_classes": 2},
+        {"seed": -1},
+        {"train_images": None},
+    ],
 )
 def test_multishapes_arguments(kwargs):
-    with pytest.raises(ValueError, match="MultiShapes"):
+    with pytest.raises(ConfigError, match="MultiShapes"):
         MultiShapes(**kwargs)  # num_classes=2 < the default max_objects=3
 
 
@@ -522,6 +530,10 @@ def test_nuswide_misaligned_labels(tmp_path):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     path.unlink()
     one_line_missing(NUSWIDE(root=str(tmp_path)), str(path), NUSWIDE.url)
+    path.mkdir()  # a folder where the labels file should be
+    with pytest.raises(DataError, match="cannot read") as info:
+        NUSWIDE(root=str(tmp_path)).check()
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fedclip.backbone import BackboneError
 from fedclip.data import IID, Pathological, Shapes
 from fedclip.data.attributes import attribute_sentences, load_attributes
+from fedclip.errors import DataError
 from fedclip.federation import Federation
 from fedclip.learners import Batch, FedMVP, PromptFormer, ZeroShot
 from fedclip.metrics import base_to_novel_metrics, harmonic_mean
@@ -32,15 +33,15 @@ def test_attribute_file_format_and_errors(tmp_path):
         ["a round shape"],
         ["corners"],
     ]
-    with pytest.raises(ValueError, match=r"no attributes for 1 of the 3 classes: 'blue triangle'"):
+    with pytest.raises(DataError, match=r"no attributes for 1 of the 3 classes: 'blue triangle'"):
         load_attributes(str(path), NAMES)
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="not readable JSON"):
+    with pytest.raises(DataError, match="not readable JSON"):
         load_attributes(str(path), NAMES)
     path.write_text(json.dumps({"red circle": "round"}))
-    with pytest.raises(ValueError, match="list of strings"):
+    with pytest.raises(DataError, match="list of strings"):
         load_attributes(str(path), ["red circle"])
-    with pytest.raises(ValueError, match="shipped names: shapes"):
+    with pytest.raises(DataError, match="shipped names: shapes"):
         load_attributes(str(tmp_path / "missing.json"), NAMES)
 
 

@@ -22,6 +22,7 @@ from fedclip.data.partition import (
     partition_summary,
     split_like,
 )
+from fedclip.errors import ConfigError, DataError, FedclipError
 
 NUM_CLASSES = 20
 GROUPS = [c // 4 for c in range(NUM_CLASSES)]  # 5 groups of 4 classes
@@ -205,15 +206,32 @@ def test_fewshot_caps_shots(inner, labels):
         (lambda: TwoLevelDirichlet(alpha=float("inf")), "alpha"),
         (lambda: TwoLevelDirichlet(groups=[]), "groups"),
         (lambda: TwoLevelDirichlet(groups=[0, -1]), "groups"),
+        # the wrong type fails at construction too, as one line, not at the first split
+        (lambda: Dirichlet(alpha="0.5"), "alpha"),  # type: ignore[arg-type]
+        (lambda: Dirichlet(alpha=None), "alpha"),  # type: ignore[arg-type]
+        (lambda: Dirichlet(min_size=1.5), "min_size"),
+        (lambda: Dirichlet(max_tries=True), "max_tries"),
+        (lambda: Pathological(classes_per_client="2"), "classes_per_client"),  # type: ignore[arg-type]
+        (lambda: Pathological(balanced="false"), "balanced"),  # type: ignore[arg-type]
+        (lambda: Pathological(disjoint=1), "disjoint"),  # type: ignore[arg-type]
+        (lambda: FewShot(shots=None), "shots"),  # type: ignore[arg-type]
+        (lambda: TwoLevelDirichlet(groups="0011"), "groups"),  # type: ignore[arg-type]
+        (lambda: TwoLevelDirichlet(groups=[0, "a"]), "groups"),  # type: ignore[list-item]
+        (lambda: TwoLevelDirichlet(groups=5), "groups"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_constructor_args(make, arg):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ConfigError, match=arg):
         make()
 
 
+def test_integral_floats_are_accepted():
+    assert Dirichlet(alpha=1, min_size=2.0).min_size == 2
+    assert FewShot(shots=np.int64(3)).shots == 3
+
+
 def test_fewshot_inner_must_be_partitioner():
-    with pytest.raises(TypeError, match="inner"):
+    with pytest.raises(ConfigError, match="inner"):
         FewShot(inner="iid")  # type: ignore[arg-type]
 
 
@@ -232,20 +250,22 @@ def test_fewshot_inner_must_be_partitioner():
     ],
 )
 def test_infeasible(partitioner, num_clients, arg, labels):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ConfigError, match=arg):
         partitioner(labels, num_clients, seed=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bad_call_args(case, labels):
     p: Partitioner = case.make()
-    with pytest.raises(ValueError, match="num_clients"):
+    with pytest.raises(ConfigError, match="num_clients"):
         p(labels, 0, seed=0)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ConfigError, match="num_clients"):
+        p(labels, "2", seed=0)
+    with pytest.raises(DataError, match="labels"):
         p(labels.reshape(100, 10), 2, seed=0)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         p(labels.astype(float), 2, seed=0)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         p(labels - 1, 2, seed=0)
 
 
@@ -333,7 +353,7 @@ def test_two_level_takes_the_data_sets_groups(labels):
     class NoGroups:
         class_groups = None
 
-    with pytest.raises(ValueError, match="has no class groups"):
+    with pytest.raises(ConfigError, match="has no class groups"):
         TwoLevelDirichlet().bind(NoGroups())
 
 
@@ -435,13 +455,13 @@ def test_leave_one_domain_out_bind():
     bound = LeaveOneDomainOut("painting").bind(FakeSource())
     assert bound.held_out == 1
     assert LeaveOneDomainOut(2).bind(FakeSource()).held_out == 2
-    with pytest.raises(ValueError, match="its domains are clipart, painting, real"):
+    with pytest.raises(ConfigError, match="its domains are clipart, painting, real"):
         LeaveOneDomainOut("sketch").bind(FakeSource())
-    with pytest.raises(ValueError, match="has 3 domains"):
+    with pytest.raises(ConfigError, match="has 3 domains"):
         LeaveOneDomainOut(3).bind(FakeSource())
-    with pytest.raises(ValueError, match="has no domains"):
+    with pytest.raises(ConfigError, match="has no domains"):
         LeaveOneDomainOut("painting").bind(object())
-    with pytest.raises(ValueError, match="bind"):
+    with pytest.raises(ValueError, match="bind"):  # a caller's bug (fedclip always binds)
         LeaveOneDomainOut("painting")(np.zeros(6, int), 2, 0, domains=np.arange(6) % 3)
     inner = LeaveOneDomainOut("real", 1, TwoLevelDirichlet(0.5))
 
@@ -457,7 +477,7 @@ def test_fewshot_over_domains(labels, test_labels):
     doms, test_doms = domain_ids(3), domain_ids(3, len(test_labels), seed=9)
     p = FewShot(2, ByDomain(2))
     assert p.needs_domains and not FewShot(2).needs_domains
-    with pytest.raises(ValueError, match="domain"):
+    with pytest.raises(ConfigError, match="domain"):
         p(labels, 6, seed=0)
     parts = p(labels, 6, seed=0, domains=doms)
     owner = p.domain_of_clients(doms, 6)
@@ -483,6 +503,8 @@ def test_pathological_fewshot(labels):
     "make,arg",
     [
         (lambda: ByDomain(clients_per_domain=0), "clients_per_domain"),
+        (lambda: ByDomain(clients_per_domain=1.5), "clients_per_domain"),
+        (lambda: DomainDirichlet(alpha="a"), "alpha"),  # type: ignore[arg-type]
         (lambda: DomainDirichlet(alpha=0), "alpha"),
         (lambda: DomainDirichlet(min_size=-1), "min_size"),
         (lambda: DomainDirichlet(clients_per_domain=0), "clients_per_domain"),
@@ -495,12 +517,12 @@ def test_pathological_fewshot(labels):
     ],
 )
 def test_bad_domain_constructor_args(make, arg):
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(ConfigError, match=arg):
         make()
 
 
 def test_domain_inner_must_be_partitioner():
-    with pytest.raises(TypeError, match="inner"):
+    with pytest.raises(ConfigError, match="inner"):
         ByDomain(inner="iid")  # type: ignore[arg-type]
 
 
@@ -523,7 +545,8 @@ def test_domain_inner_must_be_partitioner():
     ],
 )
 def test_domain_infeasible(partitioner, num_clients, domains, match, labels):
-    with pytest.raises(ValueError, match=match):
+    # bad domain ids are a DataError (they come from the data set), the rest ConfigError
+    with pytest.raises(FedclipError, match=match):
         partitioner(labels, num_clients, seed=0, domains=domains)
 
 
@@ -538,7 +561,7 @@ def test_domain_split_test_errors(labels, test_labels):
         ByDomain().split_test(parts + [parts[0]], labels, test_labels, 0, doms, test_doms)
     with pytest.raises(ValueError, match="needs test_domains"):
         LeaveOneDomainOut(0).split_test(parts[1:], labels, test_labels, 0, doms)
-    with pytest.raises(ValueError, match="no test samples"):
+    with pytest.raises(DataError, match="no test samples"):
         LeaveOneDomainOut(0).split_test(
             parts[1:], labels, test_labels, 0, doms, np.ones(len(test_labels), np.int64)
         )

@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from fedclip.errors import DataError
+
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).with_name("attributes")
@@ -42,7 +44,7 @@ def resolve_attribute_file(spec: str) -> Path:
         return path
     if (SHIPPED / f"{spec}.json").is_file():
         return SHIPPED / f"{spec}.json"
-    raise ValueError(
+    raise DataError(
         f"attribute file {spec!r} not found (give a JSON file {{classname: [attribute, ...]}} "
         f"or one of the shipped names: {', '.join(shipped_attribute_files())})"
     )
@@ -52,30 +54,30 @@ def load_attributes(spec: str, classnames: list[str]) -> list[list[str]]:
     """Attributes of every class in `classnames`, in that order, from a JSON file.
 
     Class names match case-insensitively, with underscores read as spaces. A class missing
-    from the file, an empty list or a malformed file is a ValueError naming the problem.
+    from the file, an empty list or a malformed file is a `DataError` naming the problem.
     """
     path = resolve_attribute_file(spec)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"attribute file {path} is not readable JSON ({e})") from None
+        raise DataError(f"attribute file {path} is not readable JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"attribute file {path} must hold an object {{classname: [attributes]}}")
+        raise DataError(f"attribute file {path} must hold an object {{classname: [attributes]}}")
     table: dict[str, list[str]] = {}
     for name, attrs in raw.items():
         if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
-            raise ValueError(f"attribute file {path}: {name!r} must map to a list of strings")
+            raise DataError(f"attribute file {path}: {name!r} must map to a list of strings")
         table[_norm(name)] = [a.strip() for a in attrs if a.strip()]
     missing = [c for c in classnames if _norm(c) not in table]
     if missing:
         shown = ", ".join(repr(c) for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(
+        raise DataError(
             f"attribute file {path} has no attributes for {len(missing)} of the "
             f"{len(classnames)} classes: {shown}"
         )
     empty = [c for c in classnames if not table[_norm(c)]]
     if empty:
-        raise ValueError(f"attribute file {path}: empty attribute list for {empty[0]!r}")
+        raise DataError(f"attribute file {path}: empty attribute list for {empty[0]!r}")
     return [table[_norm(c)] for c in classnames]
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from fedclip.batch import Batch
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
+from fedclip.errors import ConfigError
 from fedclip.interrupt import ignore_stop_signals
 
 
@@ -80,12 +81,12 @@ class FederatedData:
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         if cfg.num_clients < 1:
-            raise ValueError(f"data.num_clients must be >= 1, got {cfg.num_clients}")
+            raise ConfigError(f"data.num_clients must be >= 1, got {cfg.num_clients}")
         for name in ("batch_size", "eval_batch_size"):
             if getattr(cfg, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+            raise ConfigError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
         self.cfg = cfg
         self.seed = seed
         self.source = cfg.dataset
@@ -99,7 +100,7 @@ class FederatedData:
         self.targets = {}
         if self.multilabel:
             if cfg.base_to_novel:
-                raise ValueError("data.base_to_novel is for single-label data sets")
+                raise ConfigError("data.base_to_novel is for single-label data sets")
             self.targets = {
                 split: torch.as_tensor(np.asarray(self.source.targets(split)), dtype=torch.float32)
                 for split in ("train", "test")
@@ -108,7 +109,7 @@ class FederatedData:
         num_classes = len(self.all_classnames)
         self.num_base = math.ceil(num_classes / 2) if cfg.base_to_novel else num_classes
         if cfg.base_to_novel and num_classes < 2:
-            raise ValueError("data.base_to_novel needs at least 2 classes")
+            raise ConfigError("data.base_to_novel needs at least 2 classes")
         self.classnames = self.all_classnames[: self.num_base]  # what clients train on
         # partition the training samples of the training classes only
         pool = np.flatnonzero(self.train_labels < self.num_base)
@@ -148,7 +149,7 @@ class FederatedData:
         """Evaluate on `source`'s test split too (cross-dataset, e.g. ImageNet -> ImageNet-V2):
         its test images are split evenly (seeded) among the clients as split `name`."""
         if self.multilabel or getattr(source, "multilabel", False):
-            raise ValueError("cross-dataset evaluation is for single-label data sets")
+            raise ConfigError("cross-dataset evaluation is for single-label data sets")
         source.check()
         labels = np.asarray(source.labels("test"), dtype=np.int64)
         rng = np.random.default_rng([self.seed, 2])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fedclip.data.datasets import DataError
+from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)
 
