@@ -65,6 +65,15 @@ class ClientFailure(Exception):
     """One client's local work failed (e.g. a non-finite loss): its round is dropped."""
 
 
+class Stopped(Exception):
+    """A stop request (SIGINT/SIGTERM) interrupted a client's turn; it is rolled back and
+    runs again on resume."""
+
+
+class ContractError(TypeError):
+    """A learner breaks the PromptLearner contract (a bug in the learner, not bad input)."""
+
+
 class FederationError(RuntimeError):
     """The federation cannot go on (more clients failed in a round than allowed). The run
     stops with exit code 1 after writing the round so far; the failing clients'

@@ -13,6 +13,7 @@ from fedclip.backbone import load_backbone
 from fedclip.batch import Input
 from fedclip.client import ClientModule
 from fedclip.data.federated import FederatedData
+from fedclip.errors import DeviceError, one_line
 from fedclip.federation.executors import FabricExecutor, LocalExecutor
 from fedclip.federation.loop import RoundLoop, make_loggers
 from fedclip.federation.runtime import ClientRuntime
@@ -22,15 +23,24 @@ from fedclip.federation.settings import check_config, check_task, config_fingerp
 def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) -> Fabric:
     """The run's Fabric: one process per device; several ranks use plain DDP collectives
     (modules are never wrapped: clients differ)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     devices = cfg.fabric.devices if devices is None else devices
     num_nodes = cfg.fabric.num_nodes if num_nodes is None else num_nodes
-    return Fabric(
-        accelerator=cfg.fabric.accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy="ddp" if devices * num_nodes > 1 else "auto",
-        precision=cfg.fabric.precision,
-    )
+    try:
+        return Fabric(
+            accelerator=cfg.fabric.accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy="ddp" if devices * num_nodes > 1 else "auto",
+            precision=cfg.fabric.precision,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        # Lightning's refusals of an accelerator, device count or precision it cannot give
+        raise DeviceError(
+            f"fabric (accelerator {cfg.fabric.accelerator!r}, devices {devices}, precision "
+            f"{cfg.fabric.precision!r}): {one_line(str(e))}"
+        ) from e
 
 
 def prepare_data(cfg, data: FederatedData | None = None) -> FederatedData:

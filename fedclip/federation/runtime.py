@@ -23,16 +23,12 @@ from torch import Tensor
 
 from fedclip.client import ClientModule, runtime_terms
 from fedclip.data.federated import FederatedData
-from fedclip.errors import ClientFailure
+from fedclip.errors import ClientFailure, Stopped
 from fedclip.federation.records import ClientOutcome, Upload, failure_reason, tensor_bytes
 from fedclip.learners.base import make_learner
 from fedclip.metrics import client_metric
 from fedclip.privacy import DifferentialPrivacy, update_norm
 from fedclip.strategies.base import Payload, check_upload
-
-
-class Stopped(Exception):
-    """A stop request (SIGINT/SIGTERM) interrupted a client's turn; it is rolled back."""
 
 
 def turn_seed(seed: int, rnd: int, client: int) -> int:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
 from fedclip.batch import Batch, Input
-from fedclip.errors import ConfigError
+from fedclip.errors import ConfigError, ContractError
 
 
 @dataclass
@@ -151,10 +151,6 @@ def asymmetric_loss(
     pos = targets * (1 - p).pow(gamma_pos) * torch.log(p.clamp(min=eps))
     neg = (1 - targets) * p_m.pow(gamma_neg) * torch.log((1 - p_m).clamp(min=eps))
     return -(pos + neg).sum(-1).mean()
-
-
-class ContractError(TypeError):
-    """A learner breaks the PromptLearner contract (a bug in the learner, not bad input)."""
 
 
 class PromptLearner(nn.Module):
