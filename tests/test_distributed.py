@@ -18,7 +18,13 @@ import torch
 from fedclip.checkpoint import load_checkpoint
 from fedclip.cli import main
 from fedclip.config import build_fit_config, fit_parser
-from fedclip.federation import Federation, FederationError, assign_clients, config_fingerprint
+from fedclip.federation import (
+    FabricExecutor,
+    Federation,
+    FederationError,
+    assign_clients,
+    config_fingerprint,
+)
 from fedclip.progress import Progress
 
 from .conftest import small_config, tiny_yaml
@@ -232,8 +238,10 @@ def run_as_ranks(make, ranks: int, rounds: int) -> tuple[list, list]:
     group = ThreadGroup(ranks)
     errors: list = [None] * ranks
     for r, fed in enumerate(feds):
-        fed.world_size, fed.rank = ranks, r
         fed.fabric.broadcast = group.broadcast_for(r)
+        fed.executor = FabricExecutor(fed.runtime)  # the ranks' executor, as one rank of many
+        fed.executor.world_size, fed.executor.rank = ranks, r
+        fed.world_size, fed.rank = ranks, r
 
     def work(r: int) -> None:
         try:

@@ -4,6 +4,7 @@ line and exit code 2; any other exception leaves main with its traceback (exit c
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -161,3 +162,40 @@ def test_only_jsonargparse_wrappers_are_looked_through():
             raise ValueError("our own code turned bad input into a bug") from inner
     except ValueError as outer:
         assert cli.user_error(outer) is None
+
+
+def test_a_bug_in_a_custom_learner_keeps_its_traceback_and_the_checkpoint(tmp_path):
+    """A learner (given by class_path) whose training raises: every client fails, the run
+    stops with exit 1, the client's traceback is on stderr and in run.log, and the
+    checkpoint of the round so far loads."""
+    import subprocess
+    import sys
+
+    from fedclip.checkpoint import load_checkpoint
+
+    from .conftest import tiny_yaml
+
+    (tmp_path / "buggy_learner.py").write_text(
+        "from fedclip.learners import TextualPrompt\n\n\n"
+        "class Buggy(TextualPrompt):\n"
+        "    def training_loss(self, batch):\n"
+        "        raise RuntimeError('bug in my learner')\n"
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        tiny_yaml({"learner": {"class_path": "buggy_learner.Buggy", "init_args": {"n_ctx": 4}}})
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    run = subprocess.run(
+        [sys.executable, "-m", "fedclip.cli", "fit", "--config", str(config),
+         f"--output_dir={tmp_path / 'runs'}", "--run_name=bug", "--progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback (most recent call last)" in run.stderr
+    assert "RuntimeError: bug in my learner" in run.stderr
+    assert "in training_loss" in run.stderr  # the learner's own frame
+    run_dir = tmp_path / "runs" / "bug"
+    assert "RuntimeError: bug in my learner" in (run_dir / "run.log").read_text()
+    state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert state["round"] == 0 and len(state["partial"]["failures"]) == 2
