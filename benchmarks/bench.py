@@ -376,18 +376,25 @@ def section_traffic(sizes: Sizes) -> list[dict[str, Any]]:
 
 
 # ---- scaling: round time against clients and classes --------------------------------------------
+def _quickstart(name: str):
+    """(learner, strategy, optim) of a registered method's offline quickstart config."""
+    from fedclip.config import build_fit_config, fit_parser
+    from fedclip.methods import CONFIGS, get_method
+
+    parser = fit_parser()
+    ns = parser.parse_args(["--config", str(CONFIGS / get_method(name).quickstart)])
+    cfg, _ = build_fit_config(parser, ns)
+    return cfg.learner, cfg.strategy, cfg.optim
+
+
 def _round_time(method: str, clients: int, classes: int) -> float:
     from fedclip.config import FabricConfig, FederationConfig, FitConfig
     from fedclip.data import IID, Shapes
     from fedclip.data.federated import DataConfig
     from fedclip.federation import Federation
-    from fedclip.strategies import FedAvg, PFedMoAP
+    from fedclip.methods import get_method
 
-    learner, strategy = {
-        "PromptFL": (TextualPrompt(n_ctx=4), FedAvg()),
-        "pFedMoAP": (MixtureOfPrompts(n_ctx=4, gating_heads=8), PFedMoAP(num_experts=5)),
-        "FedMVP": (FedMVP(attributes="shapes"), FedAvg(weighted=False)),
-    }[method]
+    learner, strategy = get_method(method).build(tiny=True)
     cfg = FitConfig(
         backbone=BackboneConfig(model="fedclip-tiny-vit"),
         learner=learner,
@@ -406,8 +413,10 @@ def _round_time(method: str, clients: int, classes: int) -> float:
 
 
 def section_scaling(sizes: Sizes) -> dict[str, Any]:
+    from fedclip.methods import get_method, list_methods
+
     out: dict[str, Any] = {"clients": {}, "classes": {}}
-    for method in ("PromptFL", "pFedMoAP", "FedMVP"):
+    for method in [m for m in list_methods() if get_method(m).bench]:
         for axis, values, fixed in (
             ("clients", sizes.scaling_clients, {"classes": 10}),
             ("classes", sizes.scaling_classes, {"clients": 4}),
@@ -426,28 +435,19 @@ def section_scaling(sizes: Sizes) -> dict[str, Any]:
 
 # ---- accuracy sanity table ------------------------------------------------------------------------
 def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
+    """Every registered method with its quickstart's learner, strategy and optimiser on
+    the same offline task (20 Shapes classes, 10 clients, IID and Dirichlet 0.1)."""
     from fedclip.config import FabricConfig, FederationConfig, FitConfig
     from fedclip.data import IID, Dirichlet, Shapes
     from fedclip.data.federated import DataConfig
     from fedclip.federation import Federation
-    from fedclip.learners import OptimConfig, ZeroShot
-    from fedclip.strategies import FedAvg, PFedMoAP
+    from fedclip.methods import list_methods
 
-    methods = {
-        "zero-shot": lambda: (ZeroShot(), FedAvg(), 0.002),
-        "PromptFL": lambda: (TextualPrompt(n_ctx=4, ctx_init="a photo of a"), FedAvg(), 0.05),
-        "FedMVP": lambda: (FedMVP(attributes="shapes"), FedAvg(weighted=False), 0.003),
-        "pFedMoAP": lambda: (
-            MixtureOfPrompts(n_ctx=4, ctx_init="a photo of a"),
-            PFedMoAP(num_experts=5),
-            0.002,
-        ),
-    }
     rows = []
     dirichlet = lambda: Dirichlet(0.1, min_size=2 if sizes.accuracy_images[0] < 10 else 10)  # noqa: E731
     for split_name, partitioner in (("IID", IID), ("Dirichlet 0.1", dirichlet)):
-        for method, make in methods.items():
-            learner, strategy, lr = make()
+        for method in list_methods():
+            learner, strategy, optim = _quickstart(method)
             cfg = FitConfig(
                 backbone=BackboneConfig(
                     model="fedclip-tiny-vit", pretrained=sizes.accuracy_backbone
@@ -465,7 +465,7 @@ def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
                     batch_size=32,
                 ),
                 federation=FederationConfig(rounds=sizes.accuracy_rounds, local_epochs=2),
-                optim=OptimConfig(lr=lr),
+                optim=optim,
                 fabric=FabricConfig(accelerator="cpu"),
             )
             last = Federation(cfg, None, show_progress=False).fit()[-1]

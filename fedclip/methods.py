@@ -102,38 +102,59 @@ L, S = "fedclip.learners", "fedclip.strategies"
 register(Method(
     "zeroshot", f"{L}.ZeroShot", f"{S}.LocalOnly", "zeroshot_quickstart.yaml",
     "frozen CLIP with hand-written templates; nothing is learnt or sent",
-    "Radford et al., ICML 2021 (CLIP)",
+    "CLIP: Radford et al., ICML 2021",
 ))  # fmt: skip
 register(Method(
     "coop", f"{L}.TextualPrompt", f"{S}.LocalOnly", "coop_quickstart.yaml",
     "each client learns its own context (CoOp); nothing is sent",
-    "Zhou et al., IJCV 2022 (CoOp)", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
+    "CoOp: Zhou et al., IJCV 2022", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
 ))  # fmt: skip
 register(Method(
     "promptfl", f"{L}.TextualPrompt", f"{S}.FedAvg", "quickstart.yaml",
     "one context shared by all clients; FedAvg of the context",
-    "Guo et al., IEEE TMC 2023 (PromptFL)", paper="promptfl_cifar100.yaml",
+    "PromptFL: Guo et al., IEEE TMC 2023", paper="promptfl_cifar100.yaml",
     learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4}, bench=True,
 ))  # fmt: skip
 register(Method(
     "fedprox", f"{L}.TextualPrompt", f"{S}.FedProx", "fedprox_quickstart.yaml",
-    "PromptFL with a proximal term mu/2 ||ctx - ctx_global||^2 in every client's loss",
-    "Li et al., MLSys 2020 (FedProx)", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
+    "PromptFL plus mu/2 times the squared distance to the global context in every client's loss",
+    "FedProx: Li et al., MLSys 2020", learner_args={"n_ctx": 16}, tiny_args={"n_ctx": 4},
     strategy_args={"mu": 0.01},
 ))  # fmt: skip
 register(Method(
     "pfedmoap", f"{L}.MixtureOfPrompts", f"{S}.PFedMoAP", "pfedmoap_quickstart.yaml",
     "a local context plus a personal gating network over other clients' contexts (experts); "
     "the context is averaged, the gating stays",
-    "Luo et al., ICLR 2025 (pFedMoAP)", paper="pfedmoap_cifar100.yaml", bench=True,
+    "pFedMoAP: Luo et al., ICLR 2025", paper="pfedmoap_cifar100.yaml", bench=True,
     tiny_args={"n_ctx": 4, "d_gating": 32, "gating_heads": 4},
 ))  # fmt: skip
 register(Method(
     "fedmvp", f"{L}.FedMVP", f"{S}.FedAvg", "fedmvp_quickstart.yaml",
     "a PromptFormer turning patches and class attributes into visual prompts; FedAvg of "
     "it, then of rank-8 LoRA factors only",
-    "Singha et al., ICCV 2025 (FedMVP)", paper="fedmvp_cifar100_b2n.yaml",
+    "FedMVP: Singha et al., ICCV 2025", paper="fedmvp_cifar100_b2n.yaml",
     learner_args={"attributes": "shapes"}, strategy_args={"weighted": False}, bench=True,
     tiny_args={"random_flip": False},
 ))  # fmt: skip
 del L, S
+
+
+def markdown_table() -> str:
+    """The README's method table, from the registry (a test keeps them equal)."""
+    rows = [
+        "| method | paper | learner | strategy | what it learns and sends | offline quickstart | "
+        "paper setting |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in list_methods():
+        m = get_method(name)
+        args = ", ".join(
+            f"`{k}: {v}`".replace("False", "false") for k, v in m.strategy_args.items()
+        )
+        strategy = f"`{m.strategy}`" + (f" ({args})" if args else "")
+        paper = f"`configs/{m.paper}`" if m.paper else "-"
+        rows.append(
+            f"| {name} | {m.reference} | `{m.learner}` | {strategy} | {m.summary} | "
+            f"`configs/{m.quickstart}` | {paper} |"
+        )
+    return "\n".join(rows)

@@ -153,3 +153,10 @@ def test_every_method_has_its_quickstart_and_classes():
         text = (CONFIGS / method.quickstart).read_text()
         assert method.learner in text and method.strategy in text, name
         method.learner_class(), method.strategy_class()  # the class paths resolve
+
+
+def test_the_readme_method_table_is_the_registry():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    from fedclip.methods import markdown_table
+
+    assert markdown_table() in readme, "paste fedclip.methods.markdown_table() into README.md"
