@@ -149,7 +149,7 @@ def test_download_failure_is_one_clear_line(monkeypatch):
 
 
 def test_shapes_pretraining_tag(tmp_path, monkeypatch):
-    from fedclip import tiny
+    from fedclip.backbone import tiny
 
     monkeypatch.setenv("FEDCLIP_CACHE", str(tmp_path))
     monkeypatch.setattr(tiny, "STEPS", 3)
