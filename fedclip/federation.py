@@ -390,9 +390,7 @@ class Federation:
         self.clip.to(self.fabric.device)
         self.classnames = self.data.classnames
         learner_cls = type(cfg.learner)
-        self.data.bind(
-            self.clip, use_cache=not learner_cls.needs_images, flip_targets=learner_cls.flip_targets
-        )
+        self.data.bind(self.clip, learner_cls.inputs)
 
         self.clients = [self._make_client(k) for k in range(self.data.num_clients)]
         self.strategy = cfg.strategy

@@ -110,11 +110,7 @@ class NodeFederation(Federation):
         self.classnames = self.data.classnames
         learner_cls = type(cfg.learner)
         if self.data.clip is not self.clip:  # shared data is bound once
-            self.data.bind(
-                self.clip,
-                use_cache=not learner_cls.needs_images,
-                flip_targets=learner_cls.flip_targets,
-            )
+            self.data.bind(self.clip, learner_cls.inputs)
         self.client_id = client_id
         client = self._make_client(client_id)
         self.clients = {client_id: client}  # indexed by client id, like Federation's list

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
-from fedclip.batch import Batch
+from fedclip.batch import Batch, Input
 
 
 @dataclass
@@ -151,6 +151,7 @@ class PromptLearner(nn.Module):
 
     needs_images: ClassVar[bool] = False
     flip_targets: ClassVar[bool] = False
+    inputs: ClassVar[frozenset[Input]] = frozenset({Input.FEATURES})
 
     def __init__(self) -> None:
         super().__init__()

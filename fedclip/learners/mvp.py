@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
+from fedclip.batch import Input
 from fedclip.data.attributes import (
     DEFAULT_TEMPLATE,
     FALLBACK_TEMPLATES,
@@ -148,6 +149,7 @@ class FedMVP(PromptLearner):
 
     needs_images = True
     flip_targets = True
+    inputs = frozenset({Input.IMAGES, Input.FLIP_TARGETS})
 
     def __init__(
         self,
