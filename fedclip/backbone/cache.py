@@ -121,6 +121,8 @@ class FeatureCache:
             self._dense_kind()  # a tower without tokens fails before any image is loaded
             for images, _, sample_ids in _loader(dataset, missing, batch_size, num_workers):
                 store.add(sample_ids.cpu(), self.encode_dense(images.to(self.device)))
+        if store.rows is None:  # nothing asked for yet (no index given): no shape known
+            return torch.empty((0, 0, 0), dtype=torch.float16)
         return store.rows[store.slot[idx]]
 
     def clear_feature_cache(self) -> None:
