@@ -149,7 +149,7 @@ def test_download_failure_is_one_clear_line(monkeypatch):
 
 
 def test_shapes_pretraining_tag(tmp_path, monkeypatch):
-    from fedclip import tiny
+    from fedclip.backbone import tiny
 
     monkeypatch.setenv("FEDCLIP_CACHE", str(tmp_path))
     monkeypatch.setattr(tiny, "STEPS", 3)
@@ -190,3 +190,48 @@ def test_shared_prefix_is_exact(model, tiny_vit, tiny_rn):
         other = TextualPrompt(n_ctx=6, **kwargs)
         other.setup(clip, names, seed=0)
         assert not other.uses_shared_prefix()  # the batched path for those layouts
+
+
+# ---- the offline registries ----------------------------------------------------------------
+def test_the_registries_list_the_tiny_models():
+    import open_clip
+
+    from fedclip.backbone import (
+        FAMILIES,
+        list_offline_models,
+        list_offline_weights,
+        register_model_configs,
+    )
+
+    assert set(list_offline_models()) == {f.tiny for f in FAMILIES}
+    assert list_offline_weights()["shapes"] == ("fedclip-tiny-vit", "fedclip-tiny-rn")
+    register_model_configs()  # what loading does first
+    assert set(list_offline_models()) <= set(open_clip.list_models())
+    with pytest.raises(BackboneError, match="pretrained 'shapes' exists only for fedclip-tiny"):
+        load_backbone(BackboneConfig(model="ViT-B-16", pretrained="shapes"))
+
+
+def test_an_offline_model_registered_from_outside_loads(tmp_path, monkeypatch, tiny_vit):
+    """What a user does for an architecture of their own: a config file, optionally weights
+    and a tokenizer; the loader finds all three by name."""
+    import shutil
+
+    from fedclip.backbone import CONFIG_DIR, LayoutTokenizer, registry
+
+    for table in ("_MODELS", "_WEIGHTS", "_TOKENIZERS"):  # leave the registries as they were
+        monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+    config = tmp_path / "my-tiny.json"
+    shutil.copy(CONFIG_DIR / "fedclip-tiny-vit.json", config)
+    weights = tmp_path / "mine.pt"
+    torch.save(tiny_vit.model.state_dict(), weights)
+    made = []
+    registry.register_offline_model("my-tiny", config, setup=lambda: made.append(1))
+    registry.register_offline_weights("mine", lambda model, cache: str(weights), ("my-tiny",))
+    registry.register_offline_tokenizer("my-tiny", lambda: LayoutTokenizer(77, eos=1, pad=0))
+    assert "my-tiny" in registry.list_offline_models()
+    clip = FrozenCLIP.from_config(BackboneConfig(model="my-tiny", pretrained="mine"))
+    assert made == [1] and clip.layout.bos is None  # its setup ran; its tokenizer is used
+    for p, q in zip(clip.model.parameters(), tiny_vit.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="names a model config by its file"):
+        registry.register_offline_model("other-name", config)

@@ -336,7 +336,7 @@ CASES = [
             "--backbone.model=fedclip-tiny-rn",
             "--learner=fedclip.learners.FedMVP",
             "--learner.init_args.attributes=shapes",
-            needle=("FedMVP", "fedclip-tiny-rn"),
+            needle=("visual prompt tokens", "fedclip-tiny-rn"),
         ),
         id="learner-backbone-mismatch",
     ),

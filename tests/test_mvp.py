@@ -219,7 +219,9 @@ def test_lora_switch_changes_what_is_uploaded(mvp):
 
 
 def test_resnet_backbone_is_refused_with_the_model_name(tiny_rn):
-    with pytest.raises(BackboneError, match="fedclip-tiny-rn.*ModifiedResNet.*TextualPrompt"):
+    with pytest.raises(
+        BackboneError, match="fedclip-tiny-rn.*ModifiedResNet.*only prompt the text"
+    ):
         FedMVP().setup(tiny_rn, NAMES, 0)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from fedclip.batch import Batch
+from fedclip.batch import Batch, Input
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
 from fedclip.errors import ConfigError
@@ -60,6 +60,13 @@ def _collate(items: list) -> Batch:
         index=torch.as_tensor(index, dtype=torch.long),
         images=torch.stack(images),
     )
+
+
+def _rows_of(idx: np.ndarray, sample_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) positions in `idx` (distinct sample ids, in any order) of `sample_ids`."""
+    by_id = np.argsort(idx, kind="stable")
+    pos = np.searchsorted(idx[by_id], sample_ids.cpu().numpy())
+    return torch.as_tensor(by_id[pos])
 
 
 class _Flipped(torch.utils.data.Dataset):
@@ -169,14 +176,21 @@ class FederatedData:
     def num_clients(self) -> int:
         return self.cfg.num_clients
 
-    def bind(self, clip, use_cache: bool, flip_targets: bool = False) -> None:
-        """Attach the backbone's transforms; `use_cache` feeds frozen features, not images;
-        `flip_targets` adds the frozen features of each training image and of its
-        horizontal flip to the batches (cached, so only without random augmentation)."""
+    def bind(self, clip, inputs: Iterable[Input]) -> None:
+        """Attach the backbone and the inputs the learner declares (`PromptLearner.inputs`).
+
+        FEATURES: cached frozen pooled features; TOKENS: cached frozen dense token features
+        (`FrozenCLIP.cached_dense_features`, float16 on the CPU, float32 in the batch);
+        IMAGES: the preprocessed images (no image is loaded without it, unless random
+        augmentation is on: then training batches hold the augmented images, and declared
+        features and tokens are computed from them per batch, not cached); FLIP_TARGETS:
+        the frozen features of each training image and of its horizontal flip (cached, so
+        only without random augmentation)."""
         self.clip = clip
-        self.flip_targets = flip_targets and not self.cfg.augment
-        self.use_train_cache = use_cache and not self.cfg.augment
-        self.use_test_cache = use_cache
+        self.inputs = frozenset(Input(i) for i in inputs)
+        self.flip_targets = Input.FLIP_TARGETS in self.inputs and not self.cfg.augment
+        self.use_test_cache = Input.IMAGES not in self.inputs
+        self.use_train_cache = self.use_test_cache and not self.cfg.augment
         train_tf = clip.preprocess_train if self.cfg.augment else clip.preprocess_val
         self.train_set = self.source.dataset("train", train_tf)
         self.test_set = self.source.dataset("test", clip.preprocess_val)
@@ -191,7 +205,8 @@ class FederatedData:
         return math.ceil(self.num_train(k) / self.cfg.batch_size)
 
     def batches(self, k: int, split: str, epoch_seed: int | None = None) -> Iterator[Batch]:
-        """Client k's batches of `split`; shuffled by `epoch_seed` (None: in order)."""
+        """Client k's batches of `split`; shuffled by `epoch_seed` (None: in order). They
+        hold the inputs given to `bind`, labels and sample ids."""
         if split not in self.parts:
             raise ValueError(f"no split {split!r} (have {sorted(self.parts)})")
         parts = self.parts[split]
@@ -209,44 +224,74 @@ class FederatedData:
         order = np.arange(len(idx))
         if epoch_seed is not None:
             order = np.random.default_rng(epoch_seed).permutation(len(idx))
+        # dense tokens of augmented training images differ at every step: computed per batch
+        dense_per_batch = Input.TOKENS in self.inputs and split == "train" and self.cfg.augment
+        tokens = None
+        if Input.TOKENS in self.inputs and not dense_per_batch:
+            bs_eval, nw = self.cfg.eval_batch_size, self.cfg.num_workers
+            tokens = self.clip.cached_dense_features(
+                key, dataset, idx, bs_eval, nw
+            )  # (n_k, 1+M, D)
+        targets = None
+        if split == "train" and self.flip_targets:
+            targets = self._flip_targets(key, dataset, idx)  # (n_k, 2, D)
         if cached:
+            yield from self._cached_batches(
+                split, idx, labels, order, bs, key, dataset, tokens, targets
+            )
+            return
+        if targets is not None:
+            sorted_ids = torch.as_tensor(idx, device=targets.device)
+        loader = DataLoader(
+            IndexedSubset(dataset, idx[order]),
+            batch_size=bs,
+            num_workers=self.cfg.num_workers,
+            collate_fn=_collate,
+            # worker seeds follow the epoch's seed, not the global RNG's state
+            generator=torch.Generator().manual_seed(epoch_seed or 0),
+            worker_init_fn=ignore_stop_signals,
+        )
+        for batch in loader:
+            if targets is not None:  # parts are sorted: find each sample's row
+                rows = torch.searchsorted(sorted_ids, batch.index.to(sorted_ids.device))
+                batch.targets = targets[rows]
+            if tokens is not None:
+                batch.tokens = tokens[_rows_of(idx, batch.index)].float()
+            elif dense_per_batch:
+                with torch.no_grad():
+                    batch.tokens = self.clip.encode_dense(batch.images.to(self.clip.device)).float()
+            yield batch
+
+    def _cached_batches(self, split, idx, labels, order, bs, key, dataset, tokens, targets):
+        """Batches of cached inputs only (no image loaded), in the order `order` of `idx`."""
+        feats = None
+        if Input.FEATURES in self.inputs:
             feats = self.clip.cached_image_features(
                 key, dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers
             )  # (n_k, D)
-            if self.multilabel:
-                lab = self.targets["train" if split == "train" else "test"][idx].to(feats.device)
-            else:
-                lab = torch.as_tensor(labels[idx], device=feats.device)
-            ids = torch.as_tensor(idx, device=feats.device)
-            for s in range(0, len(idx), bs):
-                sel = torch.as_tensor(order[s : s + bs], device=feats.device)
-                yield Batch(labels=lab[sel], index=ids[sel], features=feats[sel])
+        device = feats.device if feats is not None else self.clip.device
+        if self.multilabel:
+            lab = self.targets["train" if split == "train" else "test"][idx].to(device)
         else:
-            targets = None
-            if split == "train" and self.flip_targets:
-                targets = self._flip_targets(key, dataset, idx)  # (n_k, 2, D)
-                sorted_ids = torch.as_tensor(idx, device=targets.device)
-            loader = DataLoader(
-                IndexedSubset(dataset, idx[order]),
-                batch_size=bs,
-                num_workers=self.cfg.num_workers,
-                collate_fn=_collate,
-                # worker seeds follow the epoch's seed, not the global RNG's state
-                generator=torch.Generator().manual_seed(epoch_seed or 0),
-                worker_init_fn=ignore_stop_signals,
+            lab = torch.as_tensor(labels[idx], device=device)
+        ids = torch.as_tensor(idx, device=device)
+        for s in range(0, len(idx), bs):
+            sel = torch.as_tensor(order[s : s + bs], device=device)
+            yield Batch(
+                labels=lab[sel],
+                index=ids[sel],
+                features=None if feats is None else feats[sel],
+                targets=None if targets is None else targets[sel.to(targets.device)],
+                tokens=None if tokens is None else tokens[sel.cpu()].float(),
             )
-            for batch in loader:
-                if targets is not None:  # parts are sorted: find each sample's row
-                    rows = torch.searchsorted(sorted_ids, batch.index.to(sorted_ids.device))
-                    batch.targets = targets[rows]
-                yield batch
 
     def local_classes(self, k: int) -> list[int]:
         """The classes client k holds in training, ascending."""
         return np.unique(self.train_labels[self.train_parts[k]]).tolist()
 
     def _flip_targets(self, key: str, dataset, idx: np.ndarray) -> torch.Tensor:
-        """Frozen features of samples `idx` and of their horizontal flips, (n, 2, D)."""
+        """Frozen features of samples `idx` and of their horizontal flips, (n, 2, D), in the
+        order of `idx` (both cached once per sample)."""
         bs, nw = self.cfg.eval_batch_size, self.cfg.num_workers
         plain = self.clip.cached_image_features(key, dataset, idx, bs, nw)
         flipped = self.clip.cached_image_features(f"{key}/hflip", _Flipped(dataset), idx, bs, nw)

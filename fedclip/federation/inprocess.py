@@ -10,7 +10,6 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
 from fedclip.backbone import load_backbone
-from fedclip.batch import Input
 from fedclip.client import ClientModule
 from fedclip.data.federated import FederatedData
 from fedclip.errors import DeviceError, one_line
@@ -61,10 +60,7 @@ def build_runtime(cfg, data: FederatedData, client_ids, fabric: Fabric, stop=Non
     clip = load_backbone(cfg.backbone)  # once per process (load_backbone caches)
     clip.to(fabric.device)
     if data.clip is not clip:  # data shared by several nodes of one process is bound once
-        inputs = type(cfg.learner).inputs
-        data.bind(
-            clip, use_cache=Input.IMAGES not in inputs, flip_targets=Input.FLIP_TARGETS in inputs
-        )
+        data.bind(clip, type(cfg.learner).inputs)
     kwargs = {} if stop is None else {"stop_requested": stop}
     return ClientRuntime(cfg, data, clip, fabric, client_ids, **kwargs)
 

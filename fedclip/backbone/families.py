@@ -1,7 +1,7 @@
 """open_clip's model families, built small for offline tests: registry and stand-ins.
 
 Every family open_clip builds differently gets a tiny random-weight architecture under
-`fedclip/model_configs/` (64 wide, 2 layers, 64 px): the families' own text settings
+`fedclip/backbone/model_configs/` (64 wide, 2 layers, 64 px): the families' own text settings
 (causal or not, pooling, context length, logit bias) and vision towers. open_clip passes no
 size arguments to timm, so the small timm trunks are registered here under new names whose
 builders call timm's own ones (the families' real blocks, embeddings and pooling) with small
@@ -11,17 +11,24 @@ SigLIP's tokenizers live on the Hugging Face hub (and need `transformers`), so t
 SigLIP architectures use `LayoutTokenizer`: open_clip's word pieces in SigLIP's layout (no
 start token, the end token appended, padded to 64). What prompt learning depends on (where
 the content starts and ends, the pad id, the length) is then the real one.
+
+Importing this module registers every tiny architecture and the stand-in tokenizers in the
+offline registries (`fedclip.backbone.registry`); nothing is built until a model is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import open_clip
 import torch
 from torch import Tensor
 
+from fedclip.backbone.registry import register_offline_model, register_offline_tokenizer
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
 
@@ -126,3 +133,14 @@ FAMILIES = (
     Family("MobileCLIP-B", "fedclip-tiny-mobileclip-b", "MobileCLIP-B, MobileCLIP2-B"),
     Family("MobileCLIP-S (FastViT)", "fedclip-tiny-mobileclip-s", "MobileCLIP-S1, MobileCLIP2-S2"),
 )
+
+
+for _family in FAMILIES:
+    register_offline_model(
+        _family.tiny,
+        CONFIG_DIR / f"{_family.tiny}.json",
+        setup=register_tiny_trunks,  # the timm towers' configs name trunks registered here
+        description=f"{_family.name}, tiny, offline (like {_family.examples})",
+    )
+for _model, _factory in TINY_TOKENIZERS.items():
+    register_offline_tokenizer(_model, _factory)

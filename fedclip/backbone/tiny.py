@@ -4,7 +4,8 @@
 that has actually learned image-text alignment (on the built-in coloured-shapes data), so the
 offline demo shows what prompt learning does on a pretrained CLIP: a zero-shot start above
 chance that the prompts then improve. The weights are trained on first use (seconds on a
-CPU, deterministic in the seed) and cached; nothing is downloaded.
+CPU, deterministic in the seed) and cached; nothing is downloaded. Importing this module
+registers the tag (`fedclip.backbone.registry`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from fedclip.backbone.registry import register_model_configs, register_offline_weights
 from fedclip.checkpoint import save_atomic
+from fedclip.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ def pretrain(
     Each batch holds one image of every class (so no two pairs share a caption) with a
     random caption template; AdamW, `steps` steps. Returns the model's state_dict.
     """
-    from fedclip.backbone import register_model_configs
     from fedclip.data.datasets import COLOURS, SHAPES, Shapes
 
     register_model_configs()
@@ -97,8 +99,6 @@ def pretrain(
 def shapes_weights(model: str, cache_dir: str | None = None) -> str:
     """Path of the Shapes-pretrained checkpoint of a tiny model, training it on first use."""
     if model not in TINY_MODELS:
-        from fedclip.backbone import BackboneError
-
         raise BackboneError(
             f"pretrained '{TAG}' exists only for {', '.join(TINY_MODELS)}, not {model}"
         )
@@ -107,3 +107,6 @@ def shapes_weights(model: str, cache_dir: str | None = None) -> str:
         log.warning("pre-training %s on Shapes once (cached in %s)", model, path)
         save_atomic(pretrain(model), path)
     return str(path)
+
+
+register_offline_weights(TAG, shapes_weights, TINY_MODELS)
