@@ -13,15 +13,27 @@ import torch
 
 from fedclip.backbone import BackboneConfig, BackboneError, load_backbone
 from fedclip.backbone.families import FAMILIES, Family
-from fedclip.learners import Batch, FedMVP, MixtureOfPrompts, TextualPrompt, ZeroShot
+from fedclip.batch import Input
+from fedclip.learners import Batch, TextualPrompt
+from fedclip.methods import get_method, list_methods
 
-NAMES = ["red circle", "blue square", "green triangle"]  # Shapes classes (FedMVP attributes)
-LEARNERS = {
-    "ZeroShot": lambda: ZeroShot(),
-    "TextualPrompt (CoOp, PromptFL)": lambda: TextualPrompt(n_ctx=4),
-    "MixtureOfPrompts (pFedMoAP)": lambda: MixtureOfPrompts(n_ctx=4, d_gating=32, gating_heads=4),
-    "FedMVP": lambda: FedMVP(attributes="shapes", random_flip=False),
-}
+NAMES = ["red circle", "blue square", "green triangle"]  # Shapes classes (attribute files)
+
+
+def _learners() -> dict:
+    """One column per learner class of the registry, named with the methods using it."""
+    by_class: dict[str, list[str]] = {}
+    for name in list_methods():
+        by_class.setdefault(get_method(name).learner, []).append(name)
+    return {
+        f"{path.rpartition('.')[2]} ({', '.join(names)})": (
+            lambda m=names[0]: get_method(m).build(tiny=True)[0]
+        )
+        for path, names in by_class.items()
+    }
+
+
+LEARNERS = _learners()
 NO_TOKENS = {"fedclip-tiny-rn", "fedclip-tiny-mobileclip-s"}  # convolutional vision towers
 # text towers where cutting prompts after the end token is exact (causal, EOT pooling)
 EXACT_CUT = {
@@ -34,7 +46,8 @@ EXACT_CUT = {
 
 
 def supported(family: Family, learner: str) -> bool:
-    return not (learner == "FedMVP" and family.tiny in NO_TOKENS)
+    """Learners that change the image path need a token tower."""
+    return not (Input.IMAGES in type(LEARNERS[learner]()).inputs and family.tiny in NO_TOKENS)
 
 
 def backbone(family: Family):
@@ -109,14 +122,14 @@ def test_one_training_step(family, learner_name):
         assert family.tiny in message and "\n" not in message and "only prompt the text" in message
         return
     learner.setup(clip, NAMES, seed=0)
-    if isinstance(learner, MixtureOfPrompts):  # two downloaded experts in the mixture
+    if "experts" in type(learner).accepts_extras:  # two downloaded experts in the mixture
         experts = torch.randn(2, *learner.ctx.shape, generator=torch.Generator().manual_seed(1))
         learner.receive({"experts": {"ctx": experts * 0.02}, "expert_ids": [3, 5]})
     labels = torch.tensor([0, 1, 2, 0])
     x = images()
     batch = (
         Batch(labels=labels, index=torch.arange(4), images=x)
-        if type(learner).needs_images
+        if Input.IMAGES in type(learner).inputs
         else Batch(labels=labels, index=torch.arange(4), features=clip.encode_image(x))
     )
     learner.train()
@@ -124,7 +137,7 @@ def test_one_training_step(family, learner_name):
     assert logits.shape == (4, len(NAMES)) and torch.isfinite(logits).all()
     trainable = {n: p for n, p in learner.named_parameters() if p.requires_grad}
     if not trainable:
-        assert isinstance(learner, ZeroShot)
+        assert not learner.shared_keys() and not learner.personal_keys()
         return
     learner.training_loss(batch).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
