@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.QUICK, "memory_clients", (1,))  # one child process is enough
     results = bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])

@@ -129,6 +129,7 @@ def test_multilabel_and_base_to_novel_work_or_are_refused(name):
         assert 0.0 <= row["eval/hm"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_resume_is_bitwise(name, tmp_path):
     whole = Federation(config(name, rounds=2), None, show_progress=False)

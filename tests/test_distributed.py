@@ -120,6 +120,7 @@ def test_fingerprint_ignores_the_number_of_ranks():
     assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one_and_a_signal_to_rank_0_stops_both_promptfl(tmp_path):
     """PromptFL, 5 clients with 4 sampled per round, Dirichlet sizes, on 2 gloo ranks:
     SIGTERM to rank 0 stops both ranks at the end of a round, with one checkpoint; that
@@ -167,6 +168,7 @@ def test_two_processes_equal_one_and_a_signal_to_rank_0_stops_both_promptfl(tmp_
     assert_same_state(two, load_checkpoint(one.checkpoint_path))
 
 
+@pytest.mark.distributed
 def test_two_processes_reach_the_one_process_state_pfedmoap_and_resume_on_one(tmp_path, capsys):
     """pFedMoAP (the server's expert pool needs every client's upload; every client keeps a
     personal gate): 2 ranks for 2 rounds equal 1 process; the 2-rank run then resumes on one
@@ -279,6 +281,7 @@ def _strip(history) -> str:
     return json.dumps(rows, sort_keys=True)
 
 
+@pytest.mark.distributed
 def test_failed_clients_on_other_ranks_are_left_out_everywhere_as_on_one_rank():
     def make():
         cfg = small_config(num_clients=5, rounds=2, fraction=0.8)
@@ -303,6 +306,7 @@ def test_failed_clients_on_other_ranks_are_left_out_everywhere_as_on_one_rank():
     assert one.history[0]["train/failed_clients"] == 1.0
 
 
+@pytest.mark.distributed
 def test_too_many_failures_raise_on_every_rank_with_the_same_message():
     def make():
         cfg = small_config(num_clients=4, rounds=1)

@@ -224,6 +224,7 @@ def ids(n: int) -> list[dict]:
 
 
 # ---- same results --------------------------------------------------------------------------------
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "method,fresh_process",
     [("promptfl", True), ("promptfl", False), ("pfedmoap", True), ("pfedmoap", False),
@@ -250,6 +251,7 @@ def test_flower_loop_equals_fedclip_fit(tmp_path, task_identity, method, fresh_p
         ]
 
 
+@pytest.mark.distributed
 def test_simulation_node_ids_and_failing_and_silent_nodes(tmp_path, task_identity, monkeypatch):
     """Flower's simulation names nodes by partition-id; a client whose training raises and a
     node that never answers are failed clients of the round, as in fedclip fit."""
@@ -326,6 +328,7 @@ def test_node_identity_and_data_root(tmp_path):
     )
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("method", ["promptfl", "pfedmoap"])
 def test_flower_run_resumes_from_its_checkpoint_and_export_and_evaluate_read_it(
     tmp_path, task_identity, method, capsys
@@ -451,6 +454,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
     raise AssertionError(f"flower-superlink did not listen on {port} within {timeout} s")
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(sys.platform != "linux", reason="process clean-up reads /proc")
 def test_superlink_and_two_supernodes_equal_fedclip_fit(tmp_path):
     """`flwr run` on a SuperLink and two SuperNodes (each message in a fresh ClientApp

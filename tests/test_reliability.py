@@ -110,6 +110,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 # ---- crash safety ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     config = write_config(tmp_path, rounds=25)
     out = tmp_path / "runs"
@@ -125,6 +126,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_
     assert_same_state(load_checkpoint(ckpt), load_checkpoint(out / "whole/checkpoints/last.ckpt"))
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_sigkill_during_writes(tmp_path):
     """A process that keeps rewriting a 16 MB checkpoint is killed at random moments: the
     file is always one complete version."""
@@ -153,6 +155,7 @@ def test_atomic_save_survives_sigkill_during_writes(tmp_path):
         assert torch.equal(obj["x"], torch.full((4_000_000,), float(obj["i"])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_writes_a_checkpoint_and_exits(tmp_path, sig):
     config = write_config(tmp_path, rounds=200)

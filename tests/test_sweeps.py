@@ -367,6 +367,7 @@ def agent_command(
     return started["command"], started["env"]
 
 
+@pytest.mark.slow
 def test_agent_command_runs_fedclip_fit(tmp_path, monkeypatch):
     """A requeued sweep run: the agent's exact command, `--_wandb=...` included, in a fresh
     process with W&B offline. It exits 0, logs the sweep's metric to the W&B summary, names
