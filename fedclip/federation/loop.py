@@ -11,7 +11,6 @@ got and finished on resume, to the same final state as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any
 
 import torch
 
-from fedclip.checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
-from fedclip.errors import CheckpointError, FederationError
+from fedclip.checkpoint import load_checkpoint, save_atomic
+from fedclip.errors import FederationError
 from fedclip.federation.executors import Executor
 from fedclip.federation.records import ClientOutcome, RoundRecord
 from fedclip.federation.runtime import Stopped
-from fedclip.federation.summary import eval_metrics, run_summary
+from fedclip.federation.state import load_loop_state, loop_state
+from fedclip.federation.summary import eval_metrics, round_metrics, run_summary, too_many
 from fedclip.interrupt import GracefulStop
 from fedclip.privacy import DifferentialPrivacy
 from fedclip.progress import Progress
@@ -138,25 +138,8 @@ class RoundLoop:
             f.write((outcome.traceback or "(no traceback)\n").rstrip("\n") + "\n\n")
 
     def check_failures(self, record: RoundRecord) -> None:
-        """Raise FederationError when the round's failures exceed the limit
-        (federation.max_client_failures; None: when every sampled client failed)."""
-        limit = self.cfg.federation.max_client_failures
-        failed = len(record.failures)
-        if (limit is not None and failed > limit) or (
-            limit is None and failed and failed == len(record.sampled)
-        ):
-            allowed = (
-                "every sampled client failed"
-                if limit is None
-                else f"{failed} clients failed, more than federation.max_client_failures={limit}"
-            )
-            last = record.failures[-1]
-            error = FederationError(
-                f"round {record.round + 1}: {allowed}; last: client {last['client']}, "
-                f"{last['reason']}"
-            )
-            error.client_traceback = self._last_traceback  # type: ignore[attr-defined]
-            raise error
+        """Raise FederationError when the round's failures exceed the limit."""
+        too_many(record, self.cfg.federation.max_client_failures, self._last_traceback)
 
     def run_round(self, rnd: int, progress: Progress) -> dict[str, float]:
         """One round; resumes the checkpointed part of round rnd when there is one."""
@@ -192,20 +175,12 @@ class RoundLoop:
         t0 = time.perf_counter()
         rnd = record.round
         _, agg_metrics = self.strategy.aggregate(rnd, record.results())
-        metrics: dict[str, float] = {"round": float(rnd + 1)}
-        if self.privacy.enabled:  # every client whose private upload left it counts
-            metrics.update(self.privacy.account(rnd, sorted(record.released), len(record.sampled)))
-        losses = record.losses
-        finite = [v for v in losses.values() if not math.isnan(v)]
-        metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
-        metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
-        metrics.update(record.metrics)
-        metrics.update({f"server/{k}": v for k, v in agg_metrics.items()})
-        metrics["train/failed_clients"] = float(len(record.failures))
-        metrics.update({f"client/{f['client']}/failed": 1.0 for f in record.failures})
-        metrics["traffic/down_bytes"] = float(record.down)
-        metrics["traffic/up_bytes"] = float(record.up)
-        metrics["traffic/sampled_clients"] = float(len(record.sampled))
+        privacy = (  # every client whose private upload left it counts
+            self.privacy.account(rnd, sorted(record.released), len(record.sampled))
+            if self.privacy.enabled
+            else {}
+        )
+        metrics = round_metrics(record, agg_metrics, privacy)
         fed = self.cfg.federation
         if (rnd + 1) % fed.eval_every == 0 or rnd + 1 == fed.rounds:
             metrics.update(self.evaluation_metrics(rnd))
@@ -304,46 +279,15 @@ class RoundLoop:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "fingerprint": self.fingerprint,
-            "round": self.round,
-            "strategy": self.strategy.state_dict(),
-            "clients": self.executor.client_states(),
-            "sampler": self.sampler.get_state(),
-            "history": self.history,
-            "torch_rng": torch.get_rng_state(),
-            "failures": self.failures,
-            "partial": None if self.partial is None else self.partial.to_plain(),
-            "privacy": self.privacy.state_dict(),
-        }
+        return loop_state(self)
 
     def save(self, path: str | Path) -> None:
         save_atomic(self.state_dict(), path)
 
     def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path)
-        if state["fingerprint"] != self.fingerprint:
-            raise CheckpointError(
-                f"{path} was written by a different configuration (fingerprint "
-                f"{state['fingerprint']} != {self.fingerprint}); resume with the run's own "
-                "config.yaml"
-            )
-        if len(state["clients"]) != self.info.num_clients:
-            raise CheckpointError(
-                f"{path} holds {len(state['clients'])} clients, config has {self.info.num_clients}"
-            )
-        self.strategy.load_state_dict(state["strategy"])
-        self.executor.load_client_states(state["clients"])
-        self.sampler.set_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.history = list(state["history"])
-        self.round = int(state["round"])
-        self.failures = list(state["failures"])
-        partial = state["partial"]
-        self.partial = None if partial is None else RoundRecord.from_plain(partial)
-        self.privacy.load_state_dict(state["privacy"])
+        """Restore the loop from a checkpoint (refused, in one line, when it was written by
+        another config or holds another number of clients)."""
+        load_loop_state(self, load_checkpoint(path), path)
         self.loaded = True
 
     # ---- results -------------------------------------------------------------------------

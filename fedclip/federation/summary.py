@@ -1,11 +1,14 @@
-"""A run's results as plain data: the logged evaluation metrics and summary.json."""
+"""What rounds and runs report: round metrics, the failure limit, evaluation metrics and
+summary.json."""
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict
 from typing import Any
 
+from fedclip.errors import FederationError
 from fedclip.metrics import base_to_novel_metrics, multilabel_metrics, summarize
 from fedclip.privacy import DifferentialPrivacy
 
@@ -82,3 +85,44 @@ def run_summary(
             "epsilon": final.get("privacy/epsilon") if privacy.enabled else None,
         },
     }
+
+
+def round_metrics(
+    record, aggregation: dict[str, float], privacy: dict[str, float]
+) -> dict[str, float]:
+    """A round's metrics before evaluation: `round`, `privacy/*`, `train/*`, `client/K/*`,
+    `server/*` and `traffic/*`, from its `RoundRecord`."""
+    metrics: dict[str, float] = {"round": float(record.round + 1), **privacy}
+    losses = record.losses
+    finite = [v for v in losses.values() if not math.isnan(v)]
+    metrics["train/loss_mean"] = sum(finite) / len(finite) if finite else float("nan")
+    metrics.update({f"client/{k}/train_loss": v for k, v in losses.items()})
+    metrics.update(record.metrics)
+    metrics.update({f"server/{k}": v for k, v in aggregation.items()})
+    metrics["train/failed_clients"] = float(len(record.failures))
+    metrics.update({f"client/{f['client']}/failed": 1.0 for f in record.failures})
+    metrics["traffic/down_bytes"] = float(record.down)
+    metrics["traffic/up_bytes"] = float(record.up)
+    metrics["traffic/sampled_clients"] = float(len(record.sampled))
+    return metrics
+
+
+def too_many(record, limit: int | None, client_traceback: str | None = None) -> None:
+    """Raise FederationError when a round's failures exceed `limit`
+    (federation.max_client_failures; None: when every sampled client failed). The error
+    carries the last failing client's traceback (`client_traceback`)."""
+    failed = len(record.failures)
+    if (limit is not None and failed > limit) or (
+        limit is None and failed and failed == len(record.sampled)
+    ):
+        allowed = (
+            "every sampled client failed"
+            if limit is None
+            else f"{failed} clients failed, more than federation.max_client_failures={limit}"
+        )
+        last = record.failures[-1]
+        error = FederationError(
+            f"round {record.round + 1}: {allowed}; last: client {last['client']}, {last['reason']}"
+        )
+        error.client_traceback = client_traceback  # type: ignore[attr-defined]
+        raise error

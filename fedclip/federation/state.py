@@ -1,0 +1,54 @@
+"""The round loop's checkpoint: what it holds, and restoring it (`weights_only` containers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedclip.checkpoint import FORMAT, VERSION
+from fedclip.errors import CheckpointError
+from fedclip.federation.records import RoundRecord
+
+
+def loop_state(loop) -> dict[str, Any]:
+    """A `RoundLoop`'s whole state as plain containers and tensors."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": loop.fingerprint,
+        "round": loop.round,
+        "strategy": loop.strategy.state_dict(),
+        "clients": loop.executor.client_states(),
+        "sampler": loop.sampler.get_state(),
+        "history": loop.history,
+        "torch_rng": torch.get_rng_state(),
+        "failures": loop.failures,
+        "partial": None if loop.partial is None else loop.partial.to_plain(),
+        "privacy": loop.privacy.state_dict(),
+    }
+
+
+def load_loop_state(loop, state: dict[str, Any], path: str | Path) -> None:
+    """Restore `loop` from `loop_state`'s output read from `path`."""
+    if state["fingerprint"] != loop.fingerprint:
+        raise CheckpointError(
+            f"{path} was written by a different configuration (fingerprint "
+            f"{state['fingerprint']} != {loop.fingerprint}); resume with the run's own "
+            "config.yaml"
+        )
+    if len(state["clients"]) != loop.info.num_clients:
+        raise CheckpointError(
+            f"{path} holds {len(state['clients'])} clients, config has {loop.info.num_clients}"
+        )
+    loop.strategy.load_state_dict(state["strategy"])
+    loop.executor.load_client_states(state["clients"])
+    loop.sampler.set_state(state["sampler"])
+    torch.set_rng_state(state["torch_rng"])
+    loop.history = list(state["history"])
+    loop.round = int(state["round"])
+    loop.failures = list(state["failures"])
+    partial = state["partial"]
+    loop.partial = None if partial is None else RoundRecord.from_plain(partial)
+    loop.privacy.load_state_dict(state["privacy"])
