@@ -9,8 +9,9 @@ and the gating network mixes them per (image, class):
 
     logits = lambda * s * f @ T_L^T + s * <pool(f), G(pool(f), [pool(T_L); pool(T_1..T_{E-1})])>
 
-With no experts yet (round 0, or a client that has never been sampled) only the local term
-is used.
+With no experts yet (round 0, or a client that has never been sampled) the logits are the
+local term alone, s * f @ T_L^T, without lambda: the public code does so, and scaling by
+lambda there would halve the temperature of the round-0 softmax.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class MixtureOfPrompts(TextualPrompt):
         gating_projection: 'stride' (every r-th feature, the reference) or 'linear'.
         gating_heads: attention heads of the gating network.
         attn_scale: factor on q k^T inside the gating attention.
-        lambda_local: weight lambda of the local prompt's logits.
+        lambda_local: weight lambda of the local prompt's logits next to the mixture (not
+            applied while there are no experts).
         gating_lr: SGD learning rate of the gating network (constant).
         gating_momentum: SGD momentum of the gating network.
         gating_weight_decay: SGD weight decay of the gating network.
@@ -250,8 +252,8 @@ class MixtureOfPrompts(TextualPrompt):
         f = self.image_features(batch)  # (B, D)
         t_local = self.class_text_features()  # (C, D), multi-label (2, C, D)
         local = self.scores(f, t_local)  # (B, C)
-        if self._experts is None:
-            return self.lambda_local * local
+        if self._experts is None:  # no lambda: lambda would halve the temperature
+            return local
         f = f.to(t_local.dtype)
         t_experts = self.expert_text_features().to(t_local.dtype)  # (n, [2,] C, D)
         pooled = self.gating.pool(f)  # (B, d)
