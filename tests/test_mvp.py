@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fedclip.backbone import BackboneError
 from fedclip.data import IID, Pathological, Shapes
 from fedclip.data.attributes import attribute_sentences, load_attributes
+from fedclip.errors import ConfigError
 from fedclip.federation import Federation
 from fedclip.learners import Batch, FedMVP, PromptFormer, ZeroShot
 from fedclip.metrics import base_to_novel_metrics, harmonic_mean
@@ -175,8 +176,10 @@ def test_lora_init_option():
     normal = PromptFormer(text_dim=16, vision_width=32, lora_rank=2)  # the default
     b = torch.cat([p.lora_b.flatten() for p in (normal.q, normal.k, normal.v)])
     assert 0.01 < float(b.std()) < 0.03  # N(0, 0.02^2)
-    with pytest.raises(ValueError, match="lora_init"):
+    with pytest.raises(ConfigError, match="lora_init"):
         FedMVP(lora_init="kaiming")
+    with pytest.raises(ConfigError, match="lora_init"):
+        PromptFormer(16, 32, lora_init="uniform")
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from fedclip.data.attributes import (
     load_attributes,
     resolve_attribute_file,
 )
+from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, PromptLearner
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class PromptFormer(nn.Module):
         if vision_width % heads:
             raise ValueError(f"PromptFormer: width {vision_width} not divisible by {heads} heads")
         if lora_init not in {"normal", "zero"}:
-            raise ValueError(
+            raise ConfigError(
                 f"PromptFormer: lora_init must be 'normal' or 'zero', got {lora_init!r}"
             )
         v = vision_width
@@ -212,7 +213,7 @@ class FedMVP(PromptLearner):
         if alpha < 0:
             raise ValueError(f"FedMVP: alpha must be >= 0, got {alpha}")
         if lora_init not in {"normal", "zero"}:
-            raise ValueError(f"FedMVP: lora_init must be 'normal' or 'zero', got {lora_init!r}")
+            raise ConfigError(f"FedMVP: lora_init must be 'normal' or 'zero', got {lora_init!r}")
         if attributes is not None:
             resolve_attribute_file(attributes)  # a missing file fails now, before any loading
         self.attributes = attributes
