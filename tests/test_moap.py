@@ -183,7 +183,9 @@ def test_learner_logits_formula(learner, tiny_vit):
     s = tiny_vit.logit_scale
     t_local = learner.text_features()
     local = s * batch.features @ t_local.t()
-    torch.testing.assert_close(learner(batch), 0.5 * local)  # no experts: local term alone
+    # no experts (round 0): the local term alone, without lambda (the public code's logits;
+    # lambda there would halve the temperature)
+    torch.testing.assert_close(learner(batch), local)
     experts = torch.randn(2, 4, tiny_vit.text_width) * 0.02
     learner.receive({"experts": {"ctx": experts}, "expert_ids": [4, 2]})
     assert learner.num_experts == 2 and learner.expert_ids == [4, 2]
@@ -199,6 +201,28 @@ def test_learner_logits_formula(learner, tiny_vit):
     mix = g(pooled, g.pool(keys))  # (B, C, d)
     want = 0.5 * local + s * (pooled.unsqueeze(1) * mix).sum(-1)
     torch.testing.assert_close(learner(batch), want, atol=1e-5, rtol=1e-5)
+
+
+def test_round0_multilabel_logits_have_no_lambda(tiny_vit):
+    learner = MixtureOfPrompts(n_ctx=4, gating_heads=4, lambda_local=0.25)
+    learner.set_task(True)
+    learner.setup(tiny_vit, NAMES, seed=0)
+    batch = _batch(tiny_vit)
+    pos, neg = learner.class_text_features()  # (2, C, D)
+    want = tiny_vit.logit_scale * (batch.features @ pos.t() - batch.features @ neg.t())
+    torch.testing.assert_close(learner(batch), want, atol=1e-5, rtol=1e-5)
+    experts = {k: torch.randn(2, 4, tiny_vit.text_width) * 0.02 for k in ("ctx", "ctx_neg")}
+    learner.receive({"experts": experts, "expert_ids": [3, 5]})
+    t_exp = learner.expert_text_features()  # (2, 2, C, D)
+    g = learner.gating
+    pooled = g.pool(batch.features)
+
+    def mixture(local, exp):  # s * <pool(f), G> for one polarity
+        keys = torch.cat([local.unsqueeze(0), exp]).transpose(0, 1)  # (C, 3, D)
+        return tiny_vit.logit_scale * (pooled.unsqueeze(1) * g(pooled, g.pool(keys))).sum(-1)
+
+    moe = mixture(pos, t_exp[:, 0]) - mixture(neg, t_exp[:, 1])
+    torch.testing.assert_close(learner(batch), 0.25 * want + moe, atol=1e-5, rtol=1e-5)
 
 
 def test_learner_trains_ctx_and_gating_uploads_ctx_only(learner, tiny_vit):

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fedclip.backbone import BackboneError
 from fedclip.data import IID, Pathological, Shapes
 from fedclip.data.attributes import attribute_sentences, load_attributes
-from fedclip.errors import DataError
+from fedclip.errors import ConfigError, DataError
 from fedclip.federation import Federation
 from fedclip.learners import Batch, FedMVP, PromptFormer, ZeroShot
 from fedclip.metrics import base_to_novel_metrics, harmonic_mean
@@ -100,7 +101,8 @@ def test_promptformer_size_at_vit_b16_widths():
     # proj 512x768+768, two LNs, q/k/v/out 4 x (768^2 + 768), FFN LN + 768x6144+6144 +
     # 3072x768+768
     assert base == 9_845_760
-    assert lora == 3 * (8 * 768 + 768 * 8)  # rank-8 factors on q, k and v
+    assert lora == 36_864 == 3 * (768 * 8 + 8 * 768)  # rank-8 pairs on the q, k, v inputs
+    assert {tuple(p.shape) for p in former.lora_parameters()} == {(768, 8), (8, 768)}
     assert round(base / lora) == 267  # the paper's "267x fewer parameters"
     out = former(torch.randn(2, 196, 768), torch.randn(100 * 10, 512))
     assert out.shape == (2, 4, 768)
@@ -111,6 +113,73 @@ def test_promptformer_pools_to_p_tokens():
     assert former(torch.randn(5, 10, 32), torch.randn(7, 16)).shape == (5, 3, 32)
     with pytest.raises(ValueError, match="not divisible"):
         PromptFormer(16, 30, heads=4)
+
+
+def _reference_prompts(former, patches, attrs, lora):
+    """The PromptFormer of METHODS.md section 3 written out op by op: the LoRA updates act on
+    the inputs of the query (before LN_q), key (before LN_k) and value (no LN) paths."""
+    b, n, v = patches.shape
+    h, dh = former.heads, v // former.heads
+    a = attrs @ former.proj.weight.t() + former.proj.bias  # A' (M, V)
+
+    def path(x, lin):
+        if lora:
+            x = x + x @ lin.lora_a @ lin.lora_b
+        if isinstance(lin.norm, torch.nn.LayerNorm):
+            x = F.layer_norm(x, (v,), lin.norm.weight, lin.norm.bias, lin.norm.eps)
+        return x @ lin.weight.t() + lin.bias
+
+    q, k, val = path(patches, former.q), path(a, former.k), path(a, former.v)
+    heads = []
+    for i in range(h):
+        cols = slice(i * dh, (i + 1) * dh)
+        weights = torch.softmax(q[..., cols] @ k[:, cols].t() / math.sqrt(dh), dim=-1)  # (B, N, M)
+        heads.append(weights @ val[:, cols])  # (B, N, dh)
+    x = torch.cat(heads, -1) @ former.out.weight.t() + former.out.bias  # (B, N, V)
+    norm, up, _, down = former.ffn
+    y = F.layer_norm(x, (v,), norm.weight, norm.bias, norm.eps) @ up.weight.t() + up.bias
+    y = y[..., : 4 * v] * F.gelu(y[..., 4 * v :])  # GEGLU
+    x = x + y @ down.weight.t() + down.bias
+    p = former.num_prompts
+    return x.view(b, p, n // p, v).mean(2)  # N divisible by P: the mean of each N/P block
+
+
+def test_lora_forward_matches_the_hand_computation():
+    torch.manual_seed(0)
+    former = PromptFormer(text_dim=6, vision_width=8, heads=2, num_prompts=2, lora_rank=3).double()
+    with torch.no_grad():  # every weight known and non-trivial, the LNs' affine part included
+        for p in former.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    patches, attrs = torch.randn(2, 6, 8).double(), torch.randn(5, 6).double()
+    for lora in (False, True):
+        want = _reference_prompts(former, patches, attrs, lora)
+        torch.testing.assert_close(former(patches, attrs, lora=lora), want, rtol=0, atol=1e-12)
+    assert not torch.allclose(former(patches, attrs, lora=True), former(patches, attrs))
+    # the query update sits before LN_q: E + E I I = 2E normalises to LN(E), so with the
+    # key and value updates at zero the prompts do not move (after the LN they would)
+    # (A_q B_q keeps the first 3 coordinates, and the patches live there)
+    with torch.no_grad():
+        eye = torch.eye(8).double()
+        former.q.lora_a.copy_(eye[:, :3])  # (V, r)
+        former.q.lora_b.copy_(eye[:3])  # (r, V)
+        former.k.lora_b.zero_()
+        former.v.lora_b.zero_()
+    inside = torch.cat([patches[..., :3], torch.zeros(2, 6, 5).double()], -1)  # (B, N, V)
+    torch.testing.assert_close(
+        former(inside, attrs, lora=True), former(inside, attrs), rtol=0, atol=1e-4
+    )
+
+
+def test_lora_init_option():
+    zero = PromptFormer(text_dim=16, vision_width=32, lora_rank=2, lora_init="zero")
+    assert all(not p.lora_b.any() and p.lora_a.any() for p in (zero.q, zero.k, zero.v))
+    normal = PromptFormer(text_dim=16, vision_width=32, lora_rank=2)  # the default
+    b = torch.cat([p.lora_b.flatten() for p in (normal.q, normal.k, normal.v)])
+    assert 0.01 < float(b.std()) < 0.03  # N(0, 0.02^2)
+    with pytest.raises(ConfigError, match="lora_init"):
+        FedMVP(lora_init="kaiming")
+    with pytest.raises(ConfigError, match="lora_init"):
+        PromptFormer(16, 32, lora_init="uniform")
 
 
 @pytest.fixture
@@ -208,6 +277,8 @@ def test_lora_switch_changes_what_is_uploaded(mvp):
     assert not mvp.end_of_round(0.1)  # once only
     trainable = {n for n, p in mvp.named_parameters() if p.requires_grad}
     assert trainable == lora
+    # the D -> V projection of the attributes freezes too (the paper; not the public code)
+    assert not mvp.former.proj.weight.requires_grad and "former.proj.weight" in full
     # the phase survives a state_dict round trip
     other = FedMVP(attributes="shapes")
     other.setup(mvp.clip, NAMES, seed=1)
@@ -216,6 +287,27 @@ def test_lora_switch_changes_what_is_uploaded(mvp):
     never = FedMVP(attributes="shapes", lora=False)
     never.setup(mvp.clip, NAMES, 0)
     assert not never.end_of_round(0.0)
+
+
+@pytest.mark.parametrize("init", ["zero", "normal"])
+def test_prompts_at_the_lora_switch(tiny_vit, init):
+    mvp = FedMVP(attributes="shapes", random_flip=False, lora_init=init)
+    mvp.setup(tiny_vit, NAMES, seed=0)
+    images = _images()
+    with torch.no_grad():
+        before = mvp.visual_prompts(images)[1]
+        assert mvp.end_of_round(0.1)
+        after = mvp.visual_prompts(images)[1]
+    change = float((after - before).abs().max() / before.abs().max())
+    if init == "zero":  # B = 0: the switch does not move the prompts
+        assert torch.equal(after, before)
+    else:  # the public code's N(0, 0.02^2) factors move them a little
+        assert 0 < change < 0.1
+    batch = Batch(labels=torch.tensor([0, 1, 2, 0]), index=torch.arange(4), images=images)
+    mvp.training_loss(batch).backward()
+    b_grads = [p.lora_b.grad for p in (mvp.former.q, mvp.former.k, mvp.former.v)]
+    assert all(g is not None and g.abs().sum() > 0 for g in b_grads)  # the factors train
+    assert mvp.former.proj.weight.grad is None
 
 
 def test_resnet_backbone_is_refused_with_the_model_name(tiny_rn):
@@ -256,13 +348,20 @@ def test_flip_targets_are_encoded_once_per_sample(monkeypatch):
     visual = fed.clip.model.visual
     original = visual.forward
     monkeypatch.setattr(visual, "forward", lambda x: calls.append(len(x)) or original(x))
-    fed.fit()
+    # every optimizer step of the run, whichever optimizer object takes it (SGD keeps no
+    # step count of its own)
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(opt))
+    try:
+        fed.fit()
+    finally:
+        hook.remove()
     n_train = sum(len(p) for p in fed.data.train_parts)
     assert sum(calls) == 2 * n_train  # the frozen pass: each image and its flip, once
-    # one optimizer step per batch per local epoch
-    opt = fed.clients[0].optimizer_pairs[0][0]
-    state = next(iter(opt.state.values()))
-    assert int(state["step"]) if "step" in state else True
+    # one optimizer step per batch per local epoch, on every client (all sampled)
+    batches = [fed.data.steps_per_epoch(k) for k in range(fed.data.num_clients)]
+    assert len(steps) == 2 * 2 * sum(batches) and min(batches) >= 2
+    assert all(len(c.optimizer_pairs) == 1 for c in fed.clients)
     sched = fed.clients[0].optimizer_pairs[0][1]
     assert sched.last_epoch == 2 * 2 * fed.data.steps_per_epoch(0)
 

@@ -1,10 +1,13 @@
-"""Strategies: FedAvg against hand-computed means, local-only, FedProx."""
+"""Strategies: FedAvg against hand-computed means, local-only, FedProx (and its gradient)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fedclip.batch import Batch
+from fedclip.client import ClientModule
+from fedclip.learners import OptimConfig, TextualPrompt
 from fedclip.strategies import ClientResult, FedAvg, FedProx, LocalOnly, weighted_average
 
 
@@ -65,3 +68,26 @@ def test_fedprox_payload_and_argument_check():
     assert s.configure_round(0, [1])[1].extras == {"proximal_mu": 0.1}
     with pytest.raises(ValueError, match="mu must be >= 0"):
         FedProx(mu=-1)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.7])
+def test_fedprox_gradient_adds_mu_times_the_distance_to_the_global_state(tiny_vit, mu):
+    """d/dw [loss + mu/2 ||w - w_global||^2] = d loss/dw + mu (w - w_global), on the client."""
+    learner = TextualPrompt(n_ctx=4)
+    learner.setup(tiny_vit, ["red circle", "green square", "blue triangle"], seed=0)
+    client = ClientModule(0, learner, tiny_vit, OptimConfig(), 5, 1, 1)
+    strategy = FedProx(mu=mu)
+    strategy.initialize({k: v.detach().clone() for k, v in learner.shared_state().items()}, 1, 0)
+    client.receive(strategy.configure_round(0, [0])[0])
+    w_global = strategy.global_state["ctx"]
+    with torch.no_grad():  # as after some local steps
+        learner.ctx.add_(torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(2)))
+    gen = torch.Generator().manual_seed(1)
+    f = torch.nn.functional.normalize(torch.randn(5, tiny_vit.embed_dim, generator=gen), dim=-1)
+    batch = Batch(labels=torch.arange(5) % 3, index=torch.arange(5), features=f)
+    (plain,) = torch.autograd.grad(learner.training_loss(batch), learner.ctx)
+    (total,) = torch.autograd.grad(client.training_step(batch, 0), learner.ctx)
+    prox = mu * (learner.ctx.detach() - w_global)
+    torch.testing.assert_close(total, plain + prox, rtol=1e-5, atol=1e-6)
+    if mu:  # the term is far above the tolerance: a missing or mis-scaled one would fail
+        assert float(prox.abs().max()) > 0.5 and not torch.allclose(total, plain, atol=0.1)

@@ -9,8 +9,9 @@ and the gating network mixes them per (image, class):
 
     logits = lambda * s * f @ T_L^T + s * <pool(f), G(pool(f), [pool(T_L); pool(T_1..T_{E-1})])>
 
-With no experts yet (round 0, or a client that has never been sampled) only the local term
-is used.
+With no experts yet (round 0, or a client that has never been sampled) the logits are the
+local term alone, s * f @ T_L^T, without lambda: the public code does so, and scaling by
+lambda there would halve the temperature of the round-0 softmax.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
+from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, OptimConfig, optimizer_for
 from fedclip.learners.textual import TextualPrompt
 
@@ -66,9 +68,9 @@ class PromptGating(nn.Module):
             width = d_gating
             self.proj = nn.Linear(embed_dim, d_gating, bias=False)
         else:
-            raise ValueError(f"gating projection must be 'stride' or 'linear', got {projection!r}")
+            raise ConfigError(f"gating projection must be 'stride' or 'linear', got {projection!r}")
         if width % heads:
-            raise ValueError(
+            raise ConfigError(
                 f"gating width {width} (from feature width {embed_dim}, d_gating {d_gating}, "
                 f"projection {projection}) is not divisible by {heads} heads; change "
                 "gating_heads or d_gating, or use gating_projection: linear"
@@ -116,7 +118,8 @@ class MixtureOfPrompts(TextualPrompt):
         gating_projection: 'stride' (every r-th feature, the reference) or 'linear'.
         gating_heads: attention heads of the gating network.
         attn_scale: factor on q k^T inside the gating attention.
-        lambda_local: weight lambda of the local prompt's logits.
+        lambda_local: weight lambda of the local prompt's logits next to the mixture (not
+            applied while there are no experts).
         gating_lr: SGD learning rate of the gating network (constant).
         gating_momentum: SGD momentum of the gating network.
         gating_weight_decay: SGD weight decay of the gating network.
@@ -140,22 +143,22 @@ class MixtureOfPrompts(TextualPrompt):
     ) -> None:
         super().__init__(n_ctx, ctx_init, False, class_token_position)
         if d_gating < 1 or gating_heads < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"MixtureOfPrompts: d_gating and gating_heads must be >= 1, got "
                 f"{d_gating} and {gating_heads}"
             )
         if gating_projection not in {"stride", "linear"}:
-            raise ValueError(
+            raise ConfigError(
                 "MixtureOfPrompts: gating_projection must be 'stride' or 'linear', got "
                 f"{gating_projection!r}"
             )
         if lambda_local < 0 or gating_lr <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"MixtureOfPrompts: lambda_local must be >= 0 and gating_lr > 0, got "
                 f"{lambda_local} and {gating_lr}"
             )
         if gating_momentum < 0 or gating_weight_decay < 0:
-            raise ValueError(
+            raise ConfigError(
                 "MixtureOfPrompts: gating_momentum and gating_weight_decay must be >= 0, got "
                 f"{gating_momentum} and {gating_weight_decay}"
             )
@@ -252,8 +255,8 @@ class MixtureOfPrompts(TextualPrompt):
         f = self.image_features(batch)  # (B, D)
         t_local = self.class_text_features()  # (C, D), multi-label (2, C, D)
         local = self.scores(f, t_local)  # (B, C)
-        if self._experts is None:
-            return self.lambda_local * local
+        if self._experts is None:  # no lambda: lambda would halve the temperature
+            return local
         f = f.to(t_local.dtype)
         t_experts = self.expert_text_features().to(t_local.dtype)  # (n, [2,] C, D)
         pooled = self.gating.pool(f)  # (B, d)

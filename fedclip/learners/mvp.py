@@ -6,8 +6,8 @@ the text features of every candidate class's attributes and pools the result int
 prompt tokens, which enter the frozen vision transformer after the image's tokens. Classes
 are scored by the mean cosine similarity to their attributes; a consistency term keeps the
 prompted feature close to the frozen feature of the horizontally flipped image. Once a
-client's loss falls below sigma it freezes the cross-attention and trains (and sends) only
-rank-r LoRA factors of its q, k and v projections.
+client's loss falls below sigma it freezes the PromptFormer and trains (and sends) only
+rank-r LoRA factors on the inputs of its query, key and value paths.
 
 Works on every token vision tower: open_clip's ViT, and timm ViT/EVA towers (SigLIP, EVA02,
 PE-Core, MobileCLIP-B; see `FrozenCLIP.encode_image_tokens`). ResNet and FastViT towers have
@@ -17,8 +17,7 @@ no tokens: setup stops with one line naming the learners that do work on them.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +32,44 @@ from fedclip.data.attributes import (
     load_attributes,
     resolve_attribute_file,
 )
+from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, PromptLearner
 
 log = logging.getLogger(__name__)
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update x A^T B^T (B starts at zero, so the update does too).
+LoRAInit = Literal["normal", "zero"]
 
-    The factors exist from the start but are trained only once `lora_a/lora_b` are switched
-    to requires_grad (FedMVP's LoRA phase).
+
+class InputLoRALinear(nn.Linear):
+    """One attention input path: x -> W norm(x + x A B) + b, the low-rank update acting on the
+    path's input, before its LayerNorm (or with no norm), as FedMVP's public code places it.
+
+    A is (width, rank) and B (rank, width). The update applies only when `forward` is called
+    with lora=True (FedMVP's LoRA phase); without it the path is W norm(x) + b exactly.
+    `reset_lora` draws the factors: 'normal' takes both from N(0, 0.02^2) (the public code,
+    so the output moves at the switch), 'zero' sets B = 0 (A still N(0, 0.02^2), so B gets
+    gradient), which leaves the output unchanged at the switch.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
-        super().__init__(in_features, out_features)
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features), requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank), requires_grad=False)
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+    def __init__(self, width: int, rank: int, norm: bool) -> None:
+        super().__init__(width, width)
+        self.norm = nn.LayerNorm(width) if norm else nn.Identity()
+        self.lora_a = nn.Parameter(torch.empty(width, rank), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.empty(rank, width), requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
+    @torch.no_grad()
+    def reset_lora(self, init: LoRAInit) -> None:
+        nn.init.normal_(self.lora_a, std=0.02)
+        if init == "zero":
+            nn.init.zeros_(self.lora_b)
+        else:
+            nn.init.normal_(self.lora_b, std=0.02)
+
+    def forward(self, x: Tensor, lora: bool = False) -> Tensor:
+        if lora:
+            x = x + (x @ self.lora_a) @ self.lora_b  # (..., width)
+        return super().forward(self.norm(x))
 
 
 class GEGLU(nn.Module):
@@ -66,17 +83,21 @@ class GEGLU(nn.Module):
 class PromptFormer(nn.Module):
     """Turns patch embeddings and attribute features into P visual prompt tokens.
 
-    attributes (M, D) -> Linear(D, V); one cross-attention block with query LN(patches),
-    key LN(attributes'), value attributes' (4 heads, output projection, no residual to the
-    patches); H = H + FFN(H), FFN = LN -> Linear(V, 8V) -> GEGLU -> Linear(4V, V); adaptive
-    average pooling over the N patch positions to P tokens.
+    attributes (M, D) -> A' = Linear(D, V); one cross-attention block with query LN(E) for the
+    patches E, key LN(A'), value A' (4 heads, output projection, no residual to the patches);
+    H = H + FFN(H), FFN = LN -> Linear(V, 8V) -> GEGLU -> Linear(4V, V); adaptive average
+    pooling over the N patch positions to P tokens.
+
+    With lora=True the inputs of the three paths take their rank-r updates first: query
+    LN(E + E A_q B_q), key LN(A' + A' A_k B_k), value A' + A' A_v B_v (see `InputLoRALinear`).
 
     Args:
         text_dim: D, the CLIP embedding width of the attribute features.
         vision_width: V, the token width of the vision transformer.
         heads: attention heads of the cross-attention.
         num_prompts: P, prompt tokens per image.
-        lora_rank: rank of the LoRA factors on q, k and v.
+        lora_rank: rank of the LoRA factors on the q, k and v inputs.
+        lora_init: 'normal' (both factors N(0, 0.02^2), the public code) or 'zero' (B = 0).
     """
 
     def __init__(
@@ -86,31 +107,39 @@ class PromptFormer(nn.Module):
         heads: int = 4,
         num_prompts: int = 4,
         lora_rank: int = 8,
+        lora_init: LoRAInit = "normal",
     ) -> None:
         super().__init__()
         if vision_width % heads:
-            raise ValueError(f"PromptFormer: width {vision_width} not divisible by {heads} heads")
+            raise ConfigError(f"PromptFormer: width {vision_width} not divisible by {heads} heads")
+        if lora_init not in {"normal", "zero"}:
+            raise ConfigError(
+                f"PromptFormer: lora_init must be 'normal' or 'zero', got {lora_init!r}"
+            )
         v = vision_width
         self.heads = heads
         self.num_prompts = num_prompts
         self.proj = nn.Linear(text_dim, v)
-        self.norm_q = nn.LayerNorm(v)
-        self.norm_k = nn.LayerNorm(v)
-        self.q = LoRALinear(v, v, lora_rank)
-        self.k = LoRALinear(v, v, lora_rank)
-        self.v = LoRALinear(v, v, lora_rank)
+        self.q = InputLoRALinear(v, lora_rank, norm=True)
+        self.k = InputLoRALinear(v, lora_rank, norm=True)
+        self.v = InputLoRALinear(v, lora_rank, norm=False)
         self.out = nn.Linear(v, v)
         self.ffn = nn.Sequential(nn.LayerNorm(v), nn.Linear(v, 8 * v), GEGLU(), nn.Linear(4 * v, v))
+        # drawn last, so the rest of the initial PromptFormer does not depend on lora_init
+        for path in (self.q, self.k, self.v):
+            path.reset_lora(lora_init)
 
-    def forward(self, patches: Tensor, attributes: Tensor) -> Tensor:
-        """patches (B, N, V), attributes (M, D) -> prompts (B, P, V)."""
+    def forward(self, patches: Tensor, attributes: Tensor, lora: bool = False) -> Tensor:
+        """patches (B, N, V), attributes (M, D) -> prompts (B, P, V); lora: apply the LoRA
+        updates (the LoRA phase)."""
         b, n, v = patches.shape
         h, dh = self.heads, v // self.heads
         a = self.proj(attributes.to(self.proj.weight.dtype))  # (M, V)
         m = a.shape[0]
-        q = self.q(self.norm_q(patches)).view(b, n, h, dh).transpose(1, 2)  # (B, h, N, dh)
-        k = self.k(self.norm_k(a)).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
-        val = self.v(a).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
+        q = self.q(patches, lora).view(b, n, h, dh).transpose(1, 2)  # (B, h, N, dh)
+        # keys and values are the same for every image: compute them once, then broadcast
+        k = self.k(a, lora).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
+        val = self.v(a, lora).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
         k, val = k.expand(b, -1, -1, -1), val.expand(b, -1, -1, -1)  # (B, h, M, dh)
         x = F.scaled_dot_product_attention(q, k, val)  # (B, h, N, dh)
         x = self.out(x.transpose(1, 2).reshape(b, n, v))  # (B, N, V)
@@ -125,8 +154,10 @@ class FedMVP(PromptLearner):
     """FedMVP's learner: a PromptFormer whose visual prompts condition the frozen image encoder.
 
     Trained and uploaded: the PromptFormer (about 9.8M parameters at ViT-B/16 widths); after
-    the switch to the LoRA phase, only the rank-r LoRA factors of its q, k and v projections
-    (the rest of the PromptFormer then stays fixed on this client).
+    the switch to the LoRA phase, only the rank-r LoRA factors on the inputs of its query,
+    key and value paths (36,864 parameters at ViT-B/16 widths). Everything else, the D -> V
+    projection of the attributes included, then stays fixed on this client (the paper; the
+    public code keeps training the projection).
 
     Args:
         attributes: a JSON file {classname: [attribute, ...]} (the published format), or the
@@ -142,6 +173,8 @@ class FedMVP(PromptLearner):
         lora: switch to the LoRA phase when a round's mean loss falls below sigma.
         sigma: the loss threshold of the LoRA switch.
         lora_rank: rank of the LoRA factors.
+        lora_init: 'normal': both LoRA factors from N(0, 0.02^2), as the public code, so the
+            prompts move a little at the switch; 'zero': B = 0, so they do not.
         random_flip: flip each training image horizontally with probability 1/2 (the
             consistency target is then the frozen feature of the unflipped image).
         negative_template: multi-label only: the frozen negative prompt of a class.
@@ -160,24 +193,27 @@ class FedMVP(PromptLearner):
         lora: bool = True,
         sigma: float = 0.5,
         lora_rank: int = 8,
+        lora_init: LoRAInit = "normal",
         random_flip: bool = True,
         negative_template: str = "a photo without a {classname}.",
     ) -> None:
         super().__init__()
         if "{classname}" not in template or "{attribute}" not in template:
-            raise ValueError("FedMVP: template needs both {classname} and {attribute}")
+            raise ConfigError("FedMVP: template needs both {classname} and {attribute}")
         fallback = list(fallback_templates or FALLBACK_TEMPLATES)
         if not all("{classname}" in t for t in fallback):
-            raise ValueError("FedMVP: every fallback template needs a {classname}")
+            raise ConfigError("FedMVP: every fallback template needs a {classname}")
         for name, value in (
             ("num_prompts", num_prompts),
             ("heads", heads),
             ("lora_rank", lora_rank),
         ):
             if value < 1:
-                raise ValueError(f"FedMVP: {name} must be >= 1, got {value}")
+                raise ConfigError(f"FedMVP: {name} must be >= 1, got {value}")
         if alpha < 0:
-            raise ValueError(f"FedMVP: alpha must be >= 0, got {alpha}")
+            raise ConfigError(f"FedMVP: alpha must be >= 0, got {alpha}")
+        if lora_init not in {"normal", "zero"}:
+            raise ConfigError(f"FedMVP: lora_init must be 'normal' or 'zero', got {lora_init!r}")
         if attributes is not None:
             resolve_attribute_file(attributes)  # a missing file fails now, before any loading
         self.attributes = attributes
@@ -189,6 +225,7 @@ class FedMVP(PromptLearner):
         self.lora = lora
         self.sigma = sigma
         self.lora_rank = lora_rank
+        self.lora_init = lora_init
         self.random_flip = random_flip
         self.negative_template = negative_template
         self.lora_phase = False
@@ -203,7 +240,12 @@ class FedMVP(PromptLearner):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same initial PromptFormer on every client
             former = PromptFormer(
-                clip.embed_dim, clip.vision_width, self.heads, self.num_prompts, self.lora_rank
+                clip.embed_dim,
+                clip.vision_width,
+                self.heads,
+                self.num_prompts,
+                self.lora_rank,
+                self.lora_init,
             )
         self.former = former.to(clip.device)
         self._flip_gen.manual_seed(seed)
@@ -253,13 +295,18 @@ class FedMVP(PromptLearner):
         self.attribute_features()
 
     # ---- computation -------------------------------------------------------------------
-    def prompted_features(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, D) normalised features of the images under their prompts."""
+    def visual_prompts(self, images: Tensor) -> tuple[FrozenCLIP.VisualTokens, Tensor]:
+        """(B, 3, H, W) -> (the frozen patch tokens, the prompts (B, P, V)), with the LoRA
+        updates in the LoRA phase."""
         attrs, _ = self.attribute_features()
         with torch.no_grad():
             tokens = self.clip.patch_tokens(images)  # (B, n_prefix + N, V), frozen
         # the PromptFormer reads the N patch tokens only: no class or register tokens
-        prompts = self.former(tokens.patches, attrs)  # (B, P, V)
+        return tokens, self.former(tokens.patches, attrs, lora=self.lora_phase)
+
+    def prompted_features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) normalised features of the images under their prompts."""
+        tokens, prompts = self.visual_prompts(images)
         return self.clip.encode_image_tokens(tokens, prompts)
 
     def attribute_scores(self, f: Tensor) -> Tensor:
@@ -308,6 +355,8 @@ class FedMVP(PromptLearner):
 
     # ---- the LoRA phase ----------------------------------------------------------------
     def _apply_phase(self) -> None:
+        # LoRA phase: the factors alone train and travel; the rest of the PromptFormer, the
+        # D -> V projection of the attributes included, stays as it was at the switch
         lora = set(map(id, self.former.lora_parameters()))
         for p in self.former.parameters():
             p.requires_grad_((id(p) in lora) == self.lora_phase)
