@@ -299,6 +299,25 @@ def test_bad_node_setups_stop_with_one_line(tmp_path, task_identity, nodes, mess
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_serverapp_set_up_failure_exits_2_with_one_line(tmp_path, task_identity, caplog):
+    """A wrong number of SuperNodes (`num-supernodes` in a simulation) ends the ServerApp
+    with exit status 2 and one logged line, before any run folder is written."""
+    from fedclip.flower import server
+
+    run_config = {
+        "config": str(write(tmp_path, PROMPTFL)),
+        "overrides": f"--progress=false --output_dir={tmp_path / 'runs'} --run_name=x",
+        "connect-timeout": 0.1,
+    }
+    context = Context(1, 0, {}, RecordDict(), run_config)
+    with pytest.raises(SystemExit) as stop:
+        server.main(LoopbackGrid([{"client-id": 0}]), context)
+    assert stop.value.code == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and "1 node(s) connected, but the config has 2 clients" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_flower_reason_and_run_options():
     reason = "<class 'fedclip.flower.node.NodeConfigError'>:<'no client'>"
     assert flower_reason(SimpleNamespace(error=Error(0, reason))) == "NodeConfigError: no client"
