@@ -194,6 +194,7 @@ def export_prompts(
         "strategy": json.dumps(_section(saved, "strategy")),
         "backbone": json.dumps(backbone),
         "multilabel": json.dumps(multilabel),
+        "multilabel_config": json.dumps(saved.get("multilabel") or {}),
         "seed": str(int(saved.get("seed", 0))),
         "round": str(int(state["round"])),
         "num_clients": str(len(client_states)),
@@ -292,7 +293,7 @@ def apply_prompts(learner: Any, tensors: dict[str, Tensor], client: int | None =
         for key, value in state.items():  # e.g. FedMVP's LoRA factors, shared only later
             if key not in shared:
                 own[key].copy_(value)
-        learner._eval_text = None
+        learner.invalidate_cache()
         return
 
     prefix = f"client/{int(client)}/"
@@ -327,7 +328,7 @@ def apply_prompts(learner: Any, tensors: dict[str, Tensor], client: int | None =
         raise CheckpointError(
             f"{prefix}: cannot load into {type(learner).__name__}: {' '.join(str(e).split())}"
         ) from None
-    learner._eval_text = None  # cached class features of the old prompts
+    learner.invalidate_cache()  # cached class features of the old prompts
 
 
 def _check_shape(name: str, value: Tensor, own: Tensor) -> None:
@@ -354,7 +355,7 @@ def build_learner(
     names, loaded with `fedclip.backbone.load_backbone`); classnames: the classes to
     classify (default: the metadata's). Only PromptLearner subclasses are built."""
     from fedclip.backbone import BackboneConfig, load_backbone
-    from fedclip.learners.base import PromptLearner
+    from fedclip.learners.base import MultiLabelConfig, PromptLearner, make_learner
 
     spec = _metadata_json(metadata, "learner")
     if not isinstance(spec, dict):
@@ -376,10 +377,18 @@ def build_learner(
         except TypeError as e:  # keys this version's BackboneConfig does not have
             raise CheckpointError(f"the prompts file's backbone metadata does not fit: {e}") from e
         clip = load_backbone(backbone)
-    learner = cls(**spec.get("init_args", {}))
-    learner.set_task(json.loads(metadata.get("multilabel", "false")))
-    learner.setup(clip, list(classnames), int(metadata.get("seed", "0")))
-    learner.to(clip.device)
+    try:  # the run's multi-label loss settings (files written before they were recorded: defaults)
+        ml_cfg = MultiLabelConfig(**json.loads(metadata.get("multilabel_config", "{}")))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the prompts file's multilabel metadata does not fit: {e}") from e
+    learner = make_learner(
+        cls(**spec.get("init_args", {})),
+        clip,
+        list(classnames),
+        int(metadata.get("seed", "0")),
+        multilabel=json.loads(metadata.get("multilabel", "false")),
+        multilabel_cfg=ml_cfg,
+    )
     return learner.eval()
 
 

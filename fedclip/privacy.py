@@ -337,11 +337,7 @@ def check_strategy(cfg: PrivacyConfig, strategy: Any) -> None:
             f"privacy.mode 'central' does not protect {cls.__name__}: its server sends "
             "individual uploads to other clients before any noise is added; use privacy.mode: local"
         )
-    if (
-        cfg.mode == "central"
-        and not isinstance(strategy, type)
-        and getattr(strategy, "weighted", False)
-    ):
+    if cfg.mode == "central" and not isinstance(strategy, type) and not strategy.uniform_mean():
         raise ConfigError(
             f"privacy.mode 'central' needs a uniform mean of the clipped updates (its noise is "
             f"calibrated to one client's share); set strategy.init_args.weighted: false for "

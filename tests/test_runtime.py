@@ -50,3 +50,29 @@ def test_extras_a_learner_does_not_take_are_refused_at_config_time():
     check_extras(FedProx(mu=0.1), TextualPrompt())  # a runtime term: every learner takes it
     with pytest.raises(ConfigError, match=r"PFedMoAP sends \['expert_ids', 'experts'\]"):
         check_extras(PFedMoAP(), TextualPrompt())
+
+
+def test_a_learner_that_does_not_declare_its_tensors_is_refused(tiny_vit):
+    """No default shares everything: an undeclared trainable tensor, or a learner without
+    shared_keys(), stops at construction with ContractError (a bug, not bad input)."""
+    import torch
+
+    from fedclip.errors import ContractError, FedclipError
+    from fedclip.learners import MixtureOfPrompts, PromptLearner
+    from fedclip.learners.base import make_learner
+
+    class ForgotGating(MixtureOfPrompts):
+        def personal_keys(self):
+            return []
+
+    class NoDeclaration(PromptLearner):
+        def setup(self, clip, classnames, seed):
+            super().setup(clip, classnames, seed)
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+    names = ["red circle", "blue square"]
+    with pytest.raises(ContractError, match=r"gating\..* are neither in shared_keys"):
+        make_learner(ForgotGating(n_ctx=2, d_gating=32, gating_heads=4), tiny_vit, names, 0)
+    with pytest.raises(ContractError, match="must declare what it uploads"):
+        make_learner(NoDeclaration(), tiny_vit, names, 0)
+    assert not issubclass(ContractError, FedclipError)

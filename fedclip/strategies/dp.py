@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from fedclip.errors import ConfigError
-from fedclip.privacy import DifferentialPrivacy, PrivacyConfig
+from fedclip.privacy import DifferentialPrivacy, PrivacyConfig, check_strategy
 from fedclip.strategies.base import ClientResult, Payload, Strategy
 
 
@@ -29,25 +29,9 @@ class CentralDP(Strategy):
 
     def __init__(self, strategy: Strategy, privacy: PrivacyConfig) -> None:
         super().__init__()
-        name = type(strategy).__name__
         if privacy.mode != "central":
             raise ConfigError(f"CentralDP needs privacy.mode 'central', got {privacy.mode!r}")
-        if not type(strategy).collects_uploads:
-            raise ConfigError(
-                f"privacy.mode 'central' with {name}: its clients upload nothing, so there is "
-                "nothing to protect; use privacy.mode: off"
-            )
-        if type(strategy).releases_uploads:
-            raise ConfigError(
-                f"privacy.mode 'central' does not protect {name}: its server sends individual "
-                "uploads to other clients before any noise is added; use privacy.mode: local"
-            )
-        if not strategy.uniform_mean():
-            raise ConfigError(
-                "privacy.mode 'central' needs a uniform mean of the clipped updates (its noise "
-                f"is calibrated to one client's share); set strategy.init_args.weighted: false "
-                f"for {name}"
-            )
+        check_strategy(privacy, strategy)  # uploads collected, not released, a uniform mean
         self.inner = strategy
         self.privacy_cfg = privacy
         self._noise: DifferentialPrivacy | None = None
