@@ -114,10 +114,16 @@ def without_time(history: list[dict[str, float]]) -> str:
     return json.dumps([{k: v for k, v in r.items() if not k.startswith("time/")} for r in history])
 
 
-def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_same_state(a: dict, b: dict) -> None:
+    """Equal tensors (bit for bit) in nested dicts; other values equal."""
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key}: max |diff| {(a[key] - b[key]).abs().max()}"
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{key}: {a[key]} != {b[key]}"
+        else:
+            assert a[key] == b[key], key
 
 
 # ---- a Grid in this process ----------------------------------------------------------------------
