@@ -21,6 +21,7 @@ from fedclip.privacy import (
     gaussian_like,
     update_norm,
 )
+from fedclip.strategies import FedAvg
 
 
 def _state(seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -347,6 +348,9 @@ def test_config_accepts_valid_values() -> None:
 class _Averaging:
     collects_uploads: ClassVar[bool] = True
 
+    def uniform_mean(self) -> bool:  # the Strategy hook central noise is calibrated to
+        return True
+
 
 class _Forwarding(_Averaging):
     releases_uploads: ClassVar[bool] = True
@@ -367,3 +371,6 @@ def test_check_strategy() -> None:
     for cfg in (central, local):
         with pytest.raises(ValueError, match="upload nothing"):
             check_strategy(cfg, _LocalOnly())
+    with pytest.raises(ValueError, match="needs a uniform mean"):
+        check_strategy(central, FedAvg(weighted=True))
+    check_strategy(central, FedAvg(weighted=False))
