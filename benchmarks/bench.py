@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedclip.backbone import BackboneConfig, FrozenCLIP, load_backbone
-from fedclip.data.attributes import attribute_sentences
+from fedclip.batch import Batch, Input
 from fedclip.data.datasets import COLOURS, SHAPES
-from fedclip.learners import Batch, FedMVP, MixtureOfPrompts, TextualPrompt
+from fedclip.errors import BackboneError
+from fedclip.federation import tensor_bytes
+from fedclip.methods import get_method, list_methods
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,6 @@ class Sizes:
     models: tuple[str, ...]
     num_classes: int
     batch: int
-    n_ctx: int
-    attributes: int
     experts: int
     steps: int
     memory_clients: tuple[int, ...]
@@ -70,8 +69,6 @@ FULL = Sizes(
     models=("ViT-B-32", "RN50"),
     num_classes=100,
     batch=32,
-    n_ctx=16,
-    attributes=10,
     experts=9,
     steps=2,
     memory_clients=(1, 10, 100),
@@ -86,8 +83,6 @@ QUICK = Sizes(
     models=("fedclip-tiny-vit", "fedclip-tiny-rn"),
     num_classes=10,
     batch=4,
-    n_ctx=4,
-    attributes=2,
     experts=2,
     steps=1,
     memory_clients=(1, 2),
@@ -133,113 +128,60 @@ def _sgd_step(learner, loss: torch.Tensor) -> None:
             p.add_(p.grad, alpha=-1e-3)
 
 
-def _reference_text(learner: TextualPrompt, ctx: torch.Tensor) -> torch.Tensor:
-    """The reference: the full-length prompts (77 tokens) of every class, batched."""
-    clip = learner.clip
-    names = [c.replace("_", " ") for c in learner.classnames]
-    tokens = clip.tokenize([" ".join(["X"] * learner.n_ctx) + f" {n}." for n in names])
-    embeds = clip.token_embedding(tokens)
-    embeds = torch.cat(
-        [
-            embeds[:, :1],
-            ctx.unsqueeze(0).expand(len(names), -1, -1),
-            embeds[:, 1 + learner.n_ctx :],
-        ],
-        dim=1,
-    )
-    return clip.encode_prompted_text(embeds, tokens, truncate=False)
+def bench_learner(name: str, clip: FrozenCLIP, sizes: Sizes):
+    """Registered method `name`'s learner with its benchmark arguments, set up on `clip`
+    and `sizes.num_classes` classes, holding `sizes.experts` example extras (None when
+    the backbone cannot take it)."""
+    method = get_method(name)
+    learner = method.learner_class()(**{**method.learner_args, **method.bench_args})
+    try:
+        learner.setup(clip, class_names(sizes.num_classes), seed=0)
+    except BackboneError:  # e.g. visual prompts on a convolutional tower
+        return None
+    learner.receive(learner.example_extras(sizes.experts, torch.Generator().manual_seed(1)))
+    return learner
 
 
-def bench_textual(
-    clip: FrozenCLIP,
-    sizes: Sizes,
-    images: torch.Tensor,
-    labels,
-    mixture: bool,
-    augment: bool = False,
-):
-    names = class_names(sizes.num_classes)
-    learner = (
-        MixtureOfPrompts(n_ctx=sizes.n_ctx, gating_heads=8)
-        if mixture
-        else TextualPrompt(n_ctx=sizes.n_ctx)
-    )
-    learner.setup(clip, names, seed=0)
-    learner.train()
-    if mixture:
-        experts = torch.randn(sizes.experts, sizes.n_ctx, clip.text_width, device=clip.device)
-        learner.receive({"experts": {"ctx": experts * 0.02}})
-    with torch.no_grad():
-        feats = clip.encode_image(images)  # the cache: computed once per sample per process
-    batch = Batch(labels=labels, index=torch.arange(len(labels)), features=feats)
+def bench_method(name: str, clip: FrozenCLIP, sizes: Sizes, images, labels, augment=False):
+    """fedclip's step and the learner's reference step (`PromptLearner.reference_loss`)
+    on the same batch, and the max difference of their logits; None when the learner
+    cannot run on `clip`."""
+    learner = bench_learner(name, clip, sizes)
+    if learner is None:
+        return None
+    inputs = type(learner).inputs
+    index = torch.arange(len(labels))
+    if Input.IMAGES in inputs:
+        targets = None
+        if Input.FLIP_TARGETS in inputs:  # the cache: each view encoded once per sample
+            with torch.no_grad():
+                targets = torch.stack(
+                    [clip.encode_image(images), clip.encode_image(images.flip(-1))], 1
+                )
+        batch = Batch(labels=labels, index=index, images=images, targets=targets)
+    else:
+        with torch.no_grad():  # the cache: computed once per sample per process
+            batch = Batch(labels=labels, index=index, features=clip.encode_image(images))
 
     def fast_step():
         if augment:  # random augmentation: no image cache, the text side's gain alone
             with torch.no_grad():
                 batch.features = clip.encode_image(images)
-        _sgd_step(learner, learner.loss(learner(batch), batch))
-
-    def reference_logits():
-        with torch.no_grad():
-            f = clip.encode_image(images)  # the image encoder at every step
-        t = _reference_text(learner, learner.ctx)
-        local = learner.scores(f, t)
-        if not mixture:
-            return local
-        with torch.no_grad():  # the experts' features recomputed at every step, full length
-            t_exp = torch.stack([_reference_text(learner, c) for c in learner._experts["ctx"]])
-        return learner.lambda_local * local + learner._mixture(learner.gating.pool(f), t, t_exp)
+        _sgd_step(learner, learner.training_loss(batch))
 
     def reference_step():
-        _sgd_step(learner, F.cross_entropy(reference_logits(), labels))
+        _sgd_step(learner, learner.reference_loss(images, batch))
 
     learner.eval()
     with torch.no_grad():
-        diff = float((learner(batch) - reference_logits()).abs().max())
+        diff = float((learner(batch) - learner.reference_logits(images)).abs().max())
     learner.train()
     return fast_step, reference_step, diff
 
 
-def bench_fedmvp(clip: FrozenCLIP, sizes: Sizes, images: torch.Tensor, labels):
-    names = class_names(sizes.num_classes)
-    learner = FedMVP(attributes=None, random_flip=False)
-    learner.fallback_templates = [
-        f"a photo of a {{classname}}, view {i}." for i in range(sizes.attributes)
-    ]
-    learner.setup(clip, names, seed=0)
-    with torch.no_grad():
-        targets = torch.stack([clip.encode_image(images), clip.encode_image(images.flip(-1))], 1)
-    batch = Batch(labels=labels, index=torch.arange(len(labels)), images=images, targets=targets)
-
-    def fast_step():
-        _sgd_step(learner, learner.training_loss(batch))
-
-    def reference_attributes():
-        sentences, owner = attribute_sentences(names, None, fallback=learner.fallback_templates)
-        tokens = clip.tokenize(sentences)
-        with torch.no_grad():
-            return clip.encode_prompted_text(clip.token_embedding(tokens), tokens, truncate=False)
-
-    def reference_logits_and_target():
-        attrs = reference_attributes()  # recomputed at every step, full length
-        _, average = learner.attribute_features()
-        with torch.no_grad():
-            tokens = clip.patch_tokens(images)
-        f = clip.encode_image_tokens(tokens, learner.former(tokens.patches, attrs))
-        with torch.no_grad():
-            target = clip.encode_image(images.flip(-1))  # the frozen target at every step
-        return clip.logit_scale * (f @ attrs.t()) @ average.t(), f, target
-
-    def reference_step():
-        logits, f, target = reference_logits_and_target()
-        loss = F.cross_entropy(logits, labels) + learner.alpha * (
-            1 - F.cosine_similarity(f, target, dim=-1).mean()
-        )
-        _sgd_step(learner, loss)
-
-    with torch.no_grad():
-        diff = float((learner(batch) - reference_logits_and_target()[0]).abs().max())
-    return fast_step, reference_step, diff
+def benched() -> list[str]:
+    """The registered methods with a fast path to time against their reference path."""
+    return [m for m in list_methods() if get_method(m).bench]
 
 
 def _inputs(model: str, sizes: Sizes, device: torch.device):
@@ -259,26 +201,26 @@ def section_speed(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     for model in sizes.models:
         clip, images, labels = _inputs(model, sizes, device)
-        methods = {"PromptFL": False, "pFedMoAP": True}
-        for method, mixture in methods.items():
-            fast, ref, diff = bench_textual(clip, sizes, images, labels, mixture)
-            rows += _speed_rows(model, method, fast, ref, diff, sizes, device)
-        if clip.accepts_visual_prompts:
-            fast, ref, diff = bench_fedmvp(clip, sizes, images, labels)
-            rows += _speed_rows(model, "FedMVP", fast, ref, diff, sizes, device)
+        for method in benched():
+            timed_pair = bench_method(method, clip, sizes, images, labels)
+            if timed_pair is not None:
+                rows += _speed_rows(model, method, *timed_pair, sizes, device)
         clip.to("cpu")
     return rows
 
 
 def section_speed_augment(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
-    """PromptFL with random augmentation on: the image encoder runs at every step on both
-    paths, so the ratio is the text side's gain alone."""
+    """Learners fed cached features, with random augmentation on: the image encoder runs at
+    every step on both paths, so the ratio is the text side's gain alone."""
     rows = []
+    no_bf16 = Sizes(**{**sizes.__dict__, "bf16": False})
     for model in sizes.models:
         clip, images, labels = _inputs(model, sizes, device)
-        fast, ref, diff = bench_textual(clip, sizes, images, labels, False, augment=True)
-        no_bf16 = Sizes(**{**sizes.__dict__, "bf16": False})
-        rows += _speed_rows(model, "PromptFL (augmented)", fast, ref, diff, no_bf16, device)
+        for method in benched():
+            if Input.FEATURES not in get_method(method).learner_class().inputs:
+                continue
+            timed_pair = bench_method(method, clip, sizes, images, labels, augment=True)
+            rows += _speed_rows(model, f"{method} (augmented)", *timed_pair, no_bf16, device)
         clip.to("cpu")
     return rows
 
@@ -347,29 +289,25 @@ def section_memory(sizes: Sizes) -> list[dict[str, Any]]:
 
 # ---- traffic per client per round --------------------------------------------------------------
 def section_traffic(sizes: Sizes) -> list[dict[str, Any]]:
+    """Bytes per sampled client per round of every registered method: up, its shared
+    tensors (none when its strategy collects nothing); down, those plus its example extras
+    (pFedMoAP's experts); and again after a change of its trainable set (FedMVP's switch)."""
     model = sizes.models[0]
     clip = load_backbone(BackboneConfig(model=model))
-    names = class_names(sizes.num_classes)
-
-    def nbytes(state) -> int:
-        return sum(t.numel() * t.element_size() for t in state.values())
-
-    text = TextualPrompt(n_ctx=sizes.n_ctx)
-    text.setup(clip, names, 0)
-    ctx = nbytes(text.shared_state())
-    rows = [
-        {"method": "PromptFL", "up_bytes": ctx, "down_bytes": ctx},
-        {"method": "pFedMoAP", "up_bytes": ctx, "down_bytes": ctx * (1 + sizes.experts)},
-    ]
-    mvp = FedMVP(attributes=None)
-    mvp.setup(clip, names, 0)
-    full = nbytes(mvp.shared_state())
-    mvp.end_of_round(0.0)
-    lora = nbytes(mvp.shared_state())
-    rows += [
-        {"method": "FedMVP", "up_bytes": full, "down_bytes": full},
-        {"method": "FedMVP (LoRA phase)", "up_bytes": lora, "down_bytes": lora},
-    ]
+    rows = []
+    for method in list_methods():
+        learner = bench_learner(method, clip, sizes)
+        if learner is None:
+            continue
+        sends = get_method(method).strategy_class().collects_uploads
+        extras = tensor_bytes(learner.example_extras(sizes.experts)) if sends else 0
+        up = tensor_bytes(learner.shared_state()) if sends else 0
+        rows.append({"method": method, "up_bytes": up, "down_bytes": up + extras})
+        if learner.end_of_round(0.0):  # a new trainable (and shared) set
+            up = tensor_bytes(learner.shared_state()) if sends else 0
+            rows.append(
+                {"method": f"{method} (after its switch)", "up_bytes": up, "down_bytes": up}
+            )
     for r in rows:
         r["model"] = model
     return rows
@@ -413,10 +351,9 @@ def _round_time(method: str, clients: int, classes: int) -> float:
 
 
 def section_scaling(sizes: Sizes) -> dict[str, Any]:
-    from fedclip.methods import get_method, list_methods
 
     out: dict[str, Any] = {"clients": {}, "classes": {}}
-    for method in [m for m in list_methods() if get_method(m).bench]:
+    for method in benched():
         for axis, values, fixed in (
             ("clients", sizes.scaling_clients, {"classes": 10}),
             ("classes", sizes.scaling_classes, {"clients": 4}),

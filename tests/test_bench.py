@@ -16,16 +16,17 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.QUICK, "memory_clients", (1,))  # one child process is enough
     results = bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
     methods = {(r["model"], r["method"]) for r in results["speed"]}
-    assert ("fedclip-tiny-vit", "FedMVP") in methods and ("fedclip-tiny-rn", "pFedMoAP") in methods
-    assert ("fedclip-tiny-rn", "FedMVP") not in methods  # no visual prompts on a ResNet
-    assert ("fedclip-tiny-vit", "PromptFL (augmented)") in methods  # the text-side gain
+    assert ("fedclip-tiny-vit", "fedmvp") in methods and ("fedclip-tiny-rn", "pfedmoap") in methods
+    assert ("fedclip-tiny-rn", "fedmvp") not in methods  # no visual prompts on a ResNet
+    assert ("fedclip-tiny-vit", "promptfl (augmented)") in methods  # the text-side gain
     for row in results["speed"]:
         assert row["same_logits"], row  # the fast paths compute the same thing
         assert row["fedclip_step_s"] > 0 and row["reference_step_s"] > 0
     assert results["memory"][0]["peak_rss_mb"] > 0
     traffic = {r["method"]: r for r in results["traffic"]}
-    assert traffic["pFedMoAP"]["down_bytes"] == 3 * traffic["pFedMoAP"]["up_bytes"]  # 1 + E-1
-    assert traffic["FedMVP (LoRA phase)"]["up_bytes"] < traffic["FedMVP"]["up_bytes"] / 10
+    assert traffic["pfedmoap"]["down_bytes"] == 3 * traffic["pfedmoap"]["up_bytes"]  # 1 + E-1
+    assert traffic["fedmvp (after its switch)"]["up_bytes"] < traffic["fedmvp"]["up_bytes"] / 10
+    assert traffic["coop"]["up_bytes"] == traffic["zeroshot"]["down_bytes"] == 0
     benched = {m for m in list_methods() if get_method(m).bench}
     assert set(results["scaling"]["clients"]) == benched  # the registry's benched methods
     assert len(results["accuracy"]) == 2 * len(list_methods())  # every method, 2 partitions

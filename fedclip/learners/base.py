@@ -292,6 +292,24 @@ class PromptLearner(nn.Module):
         ints are shown in the summary's client rows. Default: none."""
         return {}
 
+    # ---- the reference path (benchmarks) ----------------------------------------------
+    def reference_loss(self, images: Tensor, batch: Batch) -> Tensor | None:
+        """This learner's training loss computed the reference way, from raw `images`, with
+        none of fedclip's fast paths (the image encoder at every step, full-length prompts,
+        nothing cached); `make bench` times it against `training_loss` and checks that
+        `reference_logits` equals `forward`. None: the learner has no fast path."""
+        logits = self.reference_logits(images)
+        return None if logits is None else self.loss(logits, batch)
+
+    def reference_logits(self, images: Tensor) -> Tensor | None:
+        """The logits of `reference_loss` (None: no fast path)."""
+        return None
+
+    def example_extras(self, n: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A plausible download of `n` extras (e.g. n experts), for tests and benchmarks
+        that run the learner without a strategy. Default: none."""
+        return {}
+
     # ---- what travels ------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
         """Names (as in state_dict) of the tensors that are uploaded now. Every learner

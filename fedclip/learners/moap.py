@@ -272,6 +272,29 @@ class MixtureOfPrompts(TextualPrompt):
     def shared_keys(self) -> list[str]:
         return ["ctx", "ctx_neg"] if self.multilabel else ["ctx"]
 
+    def reference_logits(self, images: Tensor) -> Tensor | None:
+        """The image encoder, the full-length local prompts and every expert's full-length
+        prompts recomputed at every step."""
+        if self.multilabel:
+            return None
+        with torch.no_grad():
+            f = self.clip.encode_image(images)
+        t = self.reference_text(self.ctx)
+        local = self.scores(f, t)
+        if self._experts is None:
+            return local
+        with torch.no_grad():
+            t_exp = torch.stack([self.reference_text(c) for c in self._experts["ctx"]])
+        return self.lambda_local * local + self._mixture(self.gating.pool(f), t, t_exp)
+
+    def example_extras(self, n: int, generator: torch.Generator | None = None) -> dict[str, Any]:
+        """n experts: small random contexts (as a downloaded pool would hold), ids 100.."""
+        experts = {
+            k: 0.02 * torch.randn(n, *getattr(self, k).shape, generator=generator).to(self.ctx)
+            for k in self.shared_keys()
+        }
+        return {"experts": experts, "expert_ids": list(range(100, 100 + n))}
+
     def personal_keys(self) -> list[str]:
         """The gating network never leaves the client."""
         return [f"gating.{n}" for n, _ in self.gating.named_parameters()]

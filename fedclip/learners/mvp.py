@@ -353,6 +353,43 @@ class FedMVP(PromptLearner):
         consistency = 1 - F.cosine_similarity(f.float(), target.float(), dim=-1).mean()
         return ce + self.alpha * consistency
 
+    # ---- the reference path (benchmarks) ----------------------------------------------
+    def _reference_attributes(self) -> Tensor:
+        """The attribute features the reference recomputes at every step, full length."""
+        attrs = load_attributes(self.attributes, self.classnames) if self.attributes else None
+        sentences, _ = attribute_sentences(
+            self.classnames, attrs, self.template, self.fallback_templates
+        )
+        tokens = self.clip.tokenize(sentences)
+        with torch.no_grad():
+            embeds = self.clip.token_embedding(tokens)
+            return self.clip.encode_prompted_text(embeds, tokens, truncate=False)
+
+    def _reference(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        attrs = self._reference_attributes()
+        _, average = self.attribute_features()
+        with torch.no_grad():
+            tokens = self.clip.patch_tokens(images)
+        f = self.clip.encode_image_tokens(
+            tokens, self.former(tokens.patches, attrs, lora=self.lora_phase)
+        )
+        return self.clip.logit_scale * (f @ attrs.t()) @ average.t(), f
+
+    def reference_logits(self, images: Tensor) -> Tensor | None:
+        """Attributes, patch tokens and prompts recomputed at every step (single-label)."""
+        return None if self.multilabel else self._reference(images)[0] + self.clip.logit_bias
+
+    def reference_loss(self, images: Tensor, batch: Batch) -> Tensor | None:
+        """As `training_loss` without flips, with the frozen flipped-view target encoded
+        at every step."""
+        if self.multilabel:
+            return None
+        logits, f = self._reference(images)
+        with torch.no_grad():
+            target = self.clip.encode_image(images.flip(-1))
+        consistency = 1 - F.cosine_similarity(f.float(), target.float(), dim=-1).mean()
+        return self.loss(logits + self.clip.logit_bias, batch) + self.alpha * consistency
+
     # ---- the LoRA phase ----------------------------------------------------------------
     def _apply_phase(self) -> None:
         # LoRA phase: the factors alone train and travel; the rest of the PromptFormer, the

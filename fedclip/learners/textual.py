@@ -211,6 +211,21 @@ class TextualPrompt(PromptLearner):
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
 
+    def reference_text(self, ctx: Tensor) -> Tensor:
+        """Normalised class features (C, D) under `ctx`, the reference way: every class's
+        full-length prompt (77 tokens on CLIP), no truncation, no shared prefix."""
+        return self.clip.encode_prompted_text(
+            self.prompt_embeddings(ctx), self.tokens, truncate=False
+        )
+
+    def reference_logits(self, images: Tensor) -> Tensor | None:
+        """The image encoder and the full-length prompts at every step."""
+        if self.multilabel:
+            return None
+        with torch.no_grad():
+            f = self.clip.encode_image(images)
+        return self.scores(f, self.reference_text(self.ctx))
+
     def shared_keys(self) -> list[str]:
         """The context (and the negative context of multi-label tasks)."""
         return ["ctx", "ctx_neg"] if self.multilabel else ["ctx"]
