@@ -122,9 +122,7 @@ def test_one_training_step(family, learner_name):
         assert family.tiny in message and "\n" not in message and "only prompt the text" in message
         return
     learner.setup(clip, NAMES, seed=0)
-    if "experts" in type(learner).accepts_extras:  # two downloaded experts in the mixture
-        experts = torch.randn(2, *learner.ctx.shape, generator=torch.Generator().manual_seed(1))
-        learner.receive({"experts": {"ctx": experts * 0.02}, "expert_ids": [3, 5]})
+    learner.receive(learner.example_extras(2, torch.Generator().manual_seed(1)))  # e.g. experts
     labels = torch.tensor([0, 1, 2, 0])
     x = images()
     batch = (

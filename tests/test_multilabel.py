@@ -96,15 +96,7 @@ def test_each_learner_trains_a_multilabel_step(name, loss, tiny_vit):
     learner = LEARNERS[name]()
     learner.set_task(True, MultiLabelConfig(loss=loss))
     learner.setup(tiny_vit, NAMES, seed=0)
-    if "experts" in type(learner).accepts_extras:  # with two experts, as after a round
-        learner.receive(
-            {
-                "experts": {
-                    k: torch.randn(2, *learner.ctx.shape) * 0.02 for k in ("ctx", "ctx_neg")
-                },
-                "expert_ids": [3, 5],
-            }
-        )
+    learner.receive(learner.example_extras(2))  # e.g. two experts, as after a round
     batch = _batch(tiny_vit, images=Input.IMAGES in type(learner).inputs)
     loss_value = learner.training_loss(batch)
     assert loss_value.dim() == 0 and torch.isfinite(loss_value)
