@@ -21,12 +21,26 @@ FORMAT = "fedclip-federation"
 VERSION = 2  # 2: failures, the round in progress and privacy state
 
 
+def file_mode() -> int:
+    """The mode an ordinary new file gets here: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _shareable(fd: int) -> None:
+    """Give a temporary file the mode an ordinary new file gets: mkstemp creates it 0600,
+    which would hide run files from the rest of a lab."""
+    os.fchmod(fd, file_mode())
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash at any moment leaves either the old or the new file, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _shareable(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -50,6 +64,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    _shareable(fd)
     os.close(fd)
     try:
         yield Path(tmp)

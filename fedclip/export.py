@@ -32,7 +32,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from fedclip.checkpoint import atomic_path, load_checkpoint
+from fedclip.checkpoint import atomic_path, file_mode, load_checkpoint
 from fedclip.errors import CheckpointError, DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def _save_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Pat
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # safetensors writes a file of its own, 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fedclip.checkpoint import atomic_path
 from fedclip.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -55,16 +54,8 @@ def missing(title: str, looked_at: str | Path, how: str) -> DataError:
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON next to `path` first and rename it into place (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj))
 
 
 def seeded_split(
