@@ -171,16 +171,10 @@ class ClientRuntime:
         client.train()
         pairs = client.configure_optimizers()
         optimizers = [self.fabric.setup_optimizers(opt) for opt, _ in pairs]
-        total, count, step = 0.0, 0, 0
-        budget = self.steps_per_round(k)
-        epoch = 0
-        while step < budget:
-            batches = self.data.batches(
-                k, "train", epoch_seed=epoch_seed(self.cfg.seed, rnd, k, epoch)
-            )
-            for i, batch in enumerate(batches):
-                if step >= budget:
-                    break
+        total, count = 0.0, 0
+        for epoch in range(self.cfg.federation.local_epochs):
+            seed = epoch_seed(self.cfg.seed, rnd, k, epoch)
+            for i, batch in enumerate(self.data.batches(k, "train", epoch_seed=seed)):
                 if self.stop_requested():
                     raise Stopped
                 batch = batch.to(self.fabric.device)
@@ -198,8 +192,6 @@ class ClientRuntime:
                     sched.step()
                 total += float(loss.detach()) * len(batch)
                 count += len(batch)
-                step += 1
-            epoch += 1
         return total / max(count, 1)
 
     # ---- evaluation ----------------------------------------------------------------------
