@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fedclip.backbone import FrozenCLIP
 from fedclip.batch import Batch
-from fedclip.learners.base import OptimConfig, PromptLearner
+from fedclip.learners.base import OptimConfig, PromptLearner, continue_schedule
 from fedclip.metrics import client_metric
 from fedclip.strategies.base import Payload
 
@@ -131,11 +131,17 @@ class ClientModule(L.LightningModule):
         are new), with every schedule continued from the step the old one had reached."""
         old = self.optimizer_pairs or []
         position = max((sched.last_epoch for _, sched in old), default=0)
+        stretched = next(  # a run cosine stretched on resume goes on stretched
+            (f for _, sched in old for f in getattr(sched, "lr_lambdas", [])), None
+        )
         self.optimizer_pairs = None
         pairs = self.configure_optimizers()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
             for _, sched in pairs:
+                if stretched is not None:
+                    for f in getattr(sched, "lr_lambdas", []):
+                        f.__dict__.update(stretched.__dict__)
                 for _ in range(position - sched.last_epoch):
                     sched.step()
 
@@ -160,3 +166,5 @@ class ClientModule(L.LightningModule):
             ):
                 opt.load_state_dict(o_sd)
                 sched.load_state_dict(s_sd)
+                # federation.rounds may change on resume: a run cosine is stretched to it
+                continue_schedule(sched, self.steps_per_round * self.rounds)

@@ -8,6 +8,7 @@ and the Flower apps share these helpers, so that every entry point reads a confi
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -259,3 +260,23 @@ def check_resume(run_dir: Path, plain: dict[str, Any]) -> None:
             f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         )
         raise UsageError(f"--resume: config differs from {run_dir / 'config.yaml'}: {shown}")
+    warn_stretched_schedule(yaml.safe_load(saved_path.read_text()) or {}, plain)
+
+
+def warn_stretched_schedule(saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """One warning when a resume changes federation.rounds under `cosine_span: run`: the
+    schedule is stretched from the step reached (see `RunCosine`), not restarted."""
+    rounds = [(c.get("federation") or {}).get("rounds") for c in (saved, given)]
+    optim = given.get("optim") or {}
+    if (
+        rounds[0] != rounds[1]
+        and optim.get("scheduler", "cosine") == "cosine"
+        and optim.get("cosine_span") == "run"
+    ):
+        logging.getLogger("fedclip").warning(
+            "--resume: federation.rounds %s -> %s with optim.cosine_span 'run': the cosine "
+            "LR schedule is stretched from the step reached, from its current LR down to 0 "
+            "at the new last round",
+            rounds[0],
+            rounds[1],
+        )

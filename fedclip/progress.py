@@ -1,8 +1,10 @@
-"""Progress of a federation: a rich display of rounds and clients, and one line per round."""
+"""Progress of a federation: a rich display of rounds and clients on a terminal, and one
+line per round (outside a terminal, e.g. a SLURM log: one plain line, never wrapped)."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -17,8 +19,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def round_line(metrics: dict[str, float], rounds: int) -> str:
-    parts = [f"round {int(metrics['round'])}/{rounds}"]
+def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str:
+    """The line of one round: `round R/N | loss | acc (or mAP, base-to-novel) | failures |
+    eps | traffic | time`. Round 0 (the evaluation before training) says so, and what the
+    initial model is (`initial`, e.g. the learner's `initial_state()`)."""
+    rnd = int(metrics["round"])
+    parts = [f"round {rnd}/{rounds}" + (" (before training)" if rnd == 0 else "")]
     loss = metrics.get("train/loss_mean", float("nan"))
     if not math.isnan(loss):
         parts.append(f"loss {loss:.4f}")
@@ -42,6 +48,10 @@ def round_line(metrics: dict[str, float], rounds: int) -> str:
         parts.append(f"{int(failed)} client(s) failed")
     if "privacy/epsilon" in metrics:
         parts.append(f"eps {metrics['privacy/epsilon']:.2f}")
+    if rnd == 0:
+        if initial:
+            parts.append(initial)
+        return " | ".join(parts)
     parts.append(
         f"up {human_bytes(metrics.get('traffic/up_bytes', 0))} "
         f"down {human_bytes(metrics.get('traffic/down_bytes', 0))}"
@@ -51,12 +61,23 @@ def round_line(metrics: dict[str, float], rounds: int) -> str:
 
 
 class Progress:
-    """Round and client bars (only on a terminal) plus a log line after every round."""
+    """Round and client bars (only on a terminal) plus a line after every round.
 
-    def __init__(self, rounds: int, enabled: bool = True, console: Console | None = None) -> None:
+    On a terminal the line goes through rich (above the live bars); elsewhere it is one
+    plain line on stderr, flushed, whatever its length, so a log file holds one greppable
+    line per round. initial: what round 0 evaluates (see `round_line`)."""
+
+    def __init__(
+        self,
+        rounds: int,
+        enabled: bool = True,
+        console: Console | None = None,
+        initial: str = "",
+    ) -> None:
         self.rounds = rounds
         self.enabled = enabled
         self.console = console or Console(stderr=True)
+        self.initial = initial
         self._bar: RichProgress | None = None
 
     def __enter__(self) -> Progress:
@@ -91,7 +112,13 @@ class Progress:
             self._bar.advance(self._clients)
 
     def round_done(self, metrics: dict[str, float]) -> None:
-        if self._bar is not None:
+        """Advance the round bar (not for round 0) and show the round's line."""
+        if self._bar is not None and int(metrics["round"]) > 0:
             self._bar.advance(self._rounds)
-        if self.enabled:
-            self.console.log(round_line(metrics, self.rounds))
+        if not self.enabled:
+            return
+        line = round_line(metrics, self.rounds, self.initial)
+        if self.console.is_terminal:
+            self.console.print(line, soft_wrap=True, highlight=False, markup=False)
+        else:
+            print(line, file=self.console.file or sys.stderr, flush=True)

@@ -119,38 +119,54 @@ def write_partition(summary: dict[str, Any], folder: Path, stem: str = "partitio
     return [js, png]
 
 
+def _pct(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.2f}"
+
+
+def _delta(value: float, start: float | None) -> str:
+    if start is None or value != value or start != start:
+        return "-"
+    return f"{100 * (value - start):+.2f}"
+
+
 def print_table(fed: Any, title: str) -> None:
     """Print the per-client result table of a federation (anything with `summary()` and
-    `metric`, as Federation and the Flower server have), with the pooled rows below."""
+    `metric`, as Federation and the Flower server have), with the pooled rows below and,
+    when round 0 was evaluated, each value's change from it (points)."""
     from rich.console import Console
     from rich.table import Table
 
     summary = fed.summary()
     name = fed.metric
     nan = float("nan")
-    table = Table(title=title)
-    for col in ("client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"):
+    baseline = summary.get("baseline")
+    start = baseline["eval"] if baseline else None
+    table = Table(title=title, caption=f"round 0: {baseline['initial']}" if baseline else None)
+    columns = ["client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"]
+    for col in columns + (["vs round 0"] if start is not None else []):
         table.add_column(col, justify="right")
-    for row in summary["clients"]:
-        value = row[name]
-        table.add_row(
-            str(row["client"]),
-            str(row["train"]),
-            str(row["test"]),
-            str(row["classes"]),
-            "-" if value != value else f"{100 * value:.2f}",
-        )
+
+    def row(label: str, value: float, before: float | None, counts=("", "", "")) -> None:
+        cells = [label, *counts, _pct(value)]
+        table.add_row(*cells, *([_delta(value, before)] if start is not None else []))
+
+    for client in summary["clients"]:
+        counts = (str(client["train"]), str(client["test"]), str(client["classes"]))
+        row(str(client["client"]), client[name], client.get(f"{name}_round0"), counts)
     ev = summary["eval"]
     if ev:
         table.add_section()
+        before = start or {}
         mean, std = ev.get(f"eval/{name}_mean", nan), ev.get(f"eval/{name}_std", nan)
-        table.add_row("mean", "", "", "", f"{100 * mean:.2f} ± {100 * std:.2f}")
-        table.add_row("min", "", "", "", f"{100 * ev.get(f'eval/{name}_min', nan):.2f}")
-        if "eval/map_pooled" in ev:
-            table.add_row("pooled", "", "", "", f"{100 * ev['eval/map_pooled']:.2f}")
+        cells = ["mean", "", "", "", f"{100 * mean:.2f} ± {100 * std:.2f}"]
+        delta = _delta(mean, before.get(f"eval/{name}_mean"))
+        table.add_row(*cells, *([delta] if start is not None else []))
+        keys = [(f"eval/{name}_min", "min")]
+        keys += [("eval/map_pooled", "pooled")] if "eval/map_pooled" in ev else []
         if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
-            for key in ("base", "novel", "hm"):
-                table.add_row(key, "", "", "", f"{100 * ev[f'eval/{key}']:.2f}")
+            keys += [(f"eval/{k}", k) for k in ("base", "novel", "hm")]
+        for key, label in keys:
+            row(label, ev.get(key, nan), before.get(key))
     Console().print(table)
 
 

@@ -94,6 +94,10 @@ class Executor(abc.ABC):
     def describe(self) -> FederationInfo:
         """The clients, as the server side may know them."""
 
+    def device(self) -> str:
+        """Where the clients' turns run, for summary.json (e.g. 'cpu', 'cuda:0 (...)')."""
+        return "unknown"
+
     @abc.abstractmethod
     def run_turns(
         self,
@@ -134,6 +138,11 @@ class LocalExecutor(Executor):
 
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
+
+    def device(self) -> str:
+        from fedclip.provenance import device_name
+
+        return device_name(self.runtime.fabric.device)
         self._reports: dict[int, dict[str, Any]] = {}
 
     def describe(self) -> FederationInfo:

@@ -96,6 +96,8 @@ class RoundLoop:
         self.partial: RoundRecord | None = None  # the round in progress (checkpointed on stop)
         self.stopped_by: int | None = None  # the signal that stopped the last fit(), if any
         self.loaded = False  # state loaded from a checkpoint
+        self.wall_s = 0.0  # seconds spent in fit() calls that have returned (checkpointed)
+        self._started: float | None = None  # when the fit() in progress started
         self._stop: GracefulStop | None = None
         self._last_traceback: str | None = None
 
@@ -214,17 +216,20 @@ class RoundLoop:
         if self.loaded:
             for row in self.history:  # the CSV logger starts a fresh file: replay the past
                 self._log(row, int(row["round"]))
-        elif fed.eval_at_start and not self.history:
-            row = {"round": 0.0, **self.evaluation_metrics(-1)}
-            self.history.append(row)
-            self._log(row, 0)
         last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+        initial = self.cfg.learner.initial_state()
+        self._started = started = time.perf_counter()
         with (
             GracefulStop("the federation") as stop,
-            Progress(fed.rounds, enabled=self.show_progress) as progress,
+            Progress(fed.rounds, enabled=self.show_progress, initial=initial) as progress,
         ):
             self._stop = stop
             try:
+                if not self.loaded and fed.eval_at_start and not self.history:
+                    row = {"round": 0.0, **self.evaluation_metrics(-1)}
+                    self.history.append(row)
+                    self._log(row, 0)
+                    progress.round_done(row)
                 progress.advance_rounds(self.round)
                 for rnd in range(self.round, last):
                     try:
@@ -246,6 +251,8 @@ class RoundLoop:
                         break
             finally:
                 self._stop = None
+                self.wall_s += time.perf_counter() - started
+                self._started = None
         self.flush_loggers()
         return self.history
 
@@ -271,6 +278,11 @@ class RoundLoop:
             if run is not None and hasattr(run, "finish"):
                 run.finish(exit_code=exit_code)
 
+    def elapsed_s(self) -> float:
+        """Wall seconds spent in fit() so far, over every resume of the run."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.wall_s + running
+
     # ---- checkpoints ---------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
@@ -292,7 +304,11 @@ class RoundLoop:
 
     # ---- results -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        return run_summary(
+        """summary.json: the results (`run_summary`), and under `run` where they came from
+        (versions, git commit, wall time, device), the part that differs between runs."""
+        from fedclip.provenance import run_info
+
+        summary = run_summary(
             self.cfg,
             self.info.data_summary,
             self.history,
@@ -302,4 +318,7 @@ class RoundLoop:
             self.failures,
             self.privacy,
             self.metric,
+            self.cfg.learner.initial_state(),
         )
+        summary["run"] = run_info(self.cfg, self.executor.device(), self.elapsed_s())
+        return summary

@@ -27,6 +27,7 @@ def loop_state(loop) -> dict[str, Any]:
         "failures": loop.failures,
         "partial": None if loop.partial is None else loop.partial.to_plain(),
         "privacy": loop.privacy.state_dict(),
+        "wall_s": loop.elapsed_s(),
     }
 
 
@@ -52,3 +53,4 @@ def load_loop_state(loop, state: dict[str, Any], path: str | Path) -> None:
     partial = state["partial"]
     loop.partial = None if partial is None else RoundRecord.from_plain(partial)
     loop.privacy.load_state_dict(state["privacy"])
+    loop.wall_s = float(state.get("wall_s", 0.0))  # absent: written before it was kept

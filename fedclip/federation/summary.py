@@ -44,15 +44,20 @@ def run_summary(
     failures: list[dict[str, Any]],
     privacy: DifferentialPrivacy,
     metric: str,
+    initial: str = "",
 ) -> dict[str, Any]:
-    """A run's summary.json: per-client partition counts with their last evaluation and
-    the lists of the learner's last report (e.g. the experts a client holds), final metrics,
-    traffic and config.
+    """A run's summary.json: per-client partition counts with their last evaluation (and
+    their round-0 one) and the lists of the learner's last report (e.g. the experts a
+    client holds), final metrics, the round-0 baseline, traffic and config.
 
-    data_summary: `FederatedData.summary()`; last_eval: each client's headline metric."""
+    data_summary: `FederatedData.summary()`; last_eval: each client's headline metric;
+    initial: what round 0 evaluates (`PromptLearner.initial_state`)."""
     part = copy.deepcopy(data_summary)
+    start = next((r for r in history if r.get("round") == 0), None)
     for row in part["clients"]:
         row[metric] = last_eval.get(row["client"], float("nan"))
+        if start is not None:
+            row[f"{metric}_round0"] = start.get(f"client/{row['client']}/{metric}", float("nan"))
         for key, value in reports.get(row["client"], {}).items():
             if isinstance(value, list | tuple):
                 row[key] = [int(v) for v in value]
@@ -64,6 +69,13 @@ def run_summary(
         "rounds_completed": rounds_completed,
         "clients": part["clients"],
         "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
+        "baseline": None
+        if start is None
+        else {
+            "round": 0,
+            "initial": initial,
+            "eval": {k: v for k, v in start.items() if k.startswith("eval/")},
+        },
         "per_class_ap": {
             k[len("class/") : -len("/ap")]: v
             for k, v in final.items()
@@ -76,6 +88,13 @@ def run_summary(
             "strategy": type(cfg.strategy).__name__,
             "dataset": getattr(source, "name", type(source).__name__),
             "backbone": cfg.backbone.model,
+        },
+        "federation": {
+            "rounds": cfg.federation.rounds,
+            "fraction": cfg.federation.fraction,
+            "local_epochs": cfg.federation.local_epochs,
+            "clients": len(part["clients"]),
+            "eval_every": cfg.federation.eval_every,
         },
         "optim": asdict(cfg.optim),
         "metric": metric,

@@ -107,6 +107,9 @@ class FlowerExecutor(Executor):
         self._reports: dict[int, dict[str, Any]] = {}
         self._info: FederationInfo | None = None
 
+    def device(self) -> str:
+        return f"Flower SuperNodes ({len(set(self.nodes.values()))})"
+
     # ---- set-up --------------------------------------------------------------------------
     def connect(self) -> None:
         """Wait for one node per client and ask each for its client."""

@@ -55,7 +55,9 @@ class OptimConfig:
         weight_decay: SGD weight decay.
         scheduler: 'cosine' or 'constant'.
         cosine_span: 'round' restarts the cosine at every round, over that round's local
-            steps (the reference); 'run' decays once over all rounds' local steps.
+            steps (the reference); 'run' decays once over all rounds' local steps (a
+            resume that changes federation.rounds stretches it from the step reached,
+            with a warning: from the current LR down to 0 at the new last round).
     """
 
     lr: float = 0.002
@@ -73,6 +75,48 @@ class OptimConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"optim.{name} must be >= 0 and finite, got {value}")
+
+
+class RunCosine:
+    """The LR factor at local step t of `cosine_span: run`: a cosine from 1 to 0 over the
+    run's `total` steps, 0 after it (never climbing back).
+
+    A resumed run given more (or fewer) rounds is stretched from the step it reached
+    (`stretch`): from the factor of that step, a cosine to 0 at the new total. Its state
+    (a plain object's attributes) travels in the scheduler's state_dict, so checkpoints keep
+    the stretch.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, int(total))
+        self.start = 0  # the step the current cosine starts from
+        self.start_factor = 1.0
+
+    def __call__(self, step: int) -> float:
+        span = max(1, self.total - self.start)
+        u = min(max(step - self.start, 0), span) / span
+        return self.start_factor * 0.5 * (1.0 + math.cos(math.pi * u))
+
+    def stretch(self, step: int, total: int) -> None:
+        """Go on from `step` with the factor reached there, down to 0 at step `total`."""
+        total = max(int(total), int(step) + 1)
+        if total != self.total:
+            self.start_factor, self.start, self.total = self(step), int(step), total
+
+
+def continue_schedule(sched: torch.optim.lr_scheduler.LRScheduler, total: int) -> bool:
+    """Stretch a loaded `cosine_span: run` schedule to a run of `total` local steps (when
+    the run's length changed on resume); True when it did."""
+    lambdas = getattr(sched, "lr_lambdas", [])
+    changed = False
+    for f in lambdas:
+        if isinstance(f, RunCosine) and f.total != max(1, int(total)):
+            f.stretch(sched.last_epoch, total)
+            changed = True
+    if changed:  # the LR of the step reached, under the stretched schedule
+        for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, lambdas):
+            group["lr"] = base * f(sched.last_epoch)
+    return changed
 
 
 def build_sgd(
@@ -95,7 +139,7 @@ def build_sgd(
             opt, T_0=max(1, restarts_every)
         )
     else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, span_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, RunCosine(span_steps))
     return opt, sched
 
 
@@ -285,6 +329,12 @@ class PromptLearner(nn.Module):
         """Forget the class features computed from the current prompts (call it after
         changing tensors from outside)."""
         self._eval_text = None
+
+    def initial_state(self) -> str:
+        """What the model evaluated at round 0 (before any training) is, in a few words for
+        the round-0 line and summary.json, e.g. "zero-shot, 'a photo of a {class}'" or
+        "random prompts (not zero-shot)". Read from the config alone (no set-up needed)."""
+        return "the initial prompts"
 
     def report(self) -> dict[str, Any]:
         """The learner's own values after a round (e.g. a phase, a cost, the ids of the

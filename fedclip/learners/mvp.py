@@ -413,6 +413,9 @@ class FedMVP(PromptLearner):
         switch, only the LoRA factors after it): FedMVP has no personal part."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def initial_state(self) -> str:
+        return "an untrained PromptFormer, randomly initialised (not zero-shot)"
+
     def report(self) -> dict[str, Any]:
         """1.0 once the client trains the LoRA factors, else 0.0."""
         return {"lora_phase": float(self.lora_phase)}

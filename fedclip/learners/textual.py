@@ -211,6 +211,13 @@ class TextualPrompt(PromptLearner):
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
 
+    def initial_state(self) -> str:
+        if not self.ctx_init:
+            return "random context (not zero-shot)"
+        if self.class_token_position == "end":
+            return f"zero-shot, '{self.ctx_init} {{class}}.'"
+        return f"the context '{self.ctx_init}', class name {self.class_token_position}"
+
     def reference_text(self, ctx: Tensor) -> Tensor:
         """Normalised class features (C, D) under `ctx`, the reference way: every class's
         full-length prompt (77 tokens on CLIP), no truncation, no shared prefix."""
@@ -277,3 +284,8 @@ class ZeroShot(PromptLearner):
 
     def shared_keys(self) -> list[str]:
         return []  # nothing is learnt
+
+    def initial_state(self) -> str:
+        shown = ", ".join(repr(t.replace("{}", "{class}")) for t in self.templates[:2])
+        more = f" and {len(self.templates) - 2} more" if len(self.templates) > 2 else ""
+        return f"zero-shot, {shown}{more}"
