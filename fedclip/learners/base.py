@@ -114,7 +114,8 @@ def continue_schedule(sched: torch.optim.lr_scheduler.LRScheduler, total: int) -
             f.stretch(sched.last_epoch, total)
             changed = True
     if changed:  # the LR of the step reached, under the stretched schedule
-        for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, lambdas):
+        groups = sched.optimizer.param_groups
+        for group, base, f in zip(groups, sched.base_lrs, lambdas, strict=True):
             group["lr"] = base * f(sched.last_epoch)
     return changed
 
