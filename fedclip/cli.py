@@ -1,8 +1,11 @@
 """The `fedclip` command: `fedclip fit --config X.yaml`, `fedclip evaluate --run_dir R`,
-`fedclip partition --config X.yaml` and `fedclip export --run_dir R`.
+`fedclip partition --config X.yaml`, `fedclip export --run_dir R` and
+`fedclip predict --run_dir R IMAGE...`; `fedclip --help` lists them, `fedclip --version`.
 
 Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
-`--print_config` prints the resolved configuration.
+`--print_config` prints the resolved configuration. Keys are exact: a prefix such as
+`--federation.round` is refused with the closest key (`fedclip.parsing`). This module
+imports no torch at its top: each command imports what it needs when it runs.
 
 Exit codes: 0 done; 2 bad input (a `FedclipError`, or a flag or value the parser refuses),
 printed as one line `fedclip CMD: error: ...` that names the problem, with nothing already
@@ -14,7 +17,7 @@ with its traceback too. Nothing in the package imports this module.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
 import signal
@@ -22,37 +25,72 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-from jsonargparse import ArgumentParser
-
-from fedclip.checkpoint import write_text_atomic
-from fedclip.config import (
-    add_run_arguments,
-    build_fit_config,
-    check_config_files,
-    check_resume,
-    check_run_name,
-    default_run_name,
-    fit_parser,
-    read_run_config,
-)
-from fedclip.data.datasets import DatasetSource
 from fedclip.errors import FedclipError, UsageError, one_line
-from fedclip.export import cmd_export
-from fedclip.report import print_table, write_results
-from fedclip.sweeps import (
-    configure_sweep_run,
-    continue_sweep_run,
-    requeue_if_preempted,
-    strip_agent_arguments,
-)
+from fedclip.parsing import closest, command_parser, parse_args
+from fedclip.sweeps import strip_agent_arguments
 
 
-def evaluate_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="fedclip evaluate",
-        description="Evaluate every client of a saved run from its last checkpoint.",
-        exit_on_error=False,
+class Command:
+    """A command imported only when it runs (`fedclip --help`, `--version` and an unknown
+    command import no torch); `help` is its line in `fedclip --help`."""
+
+    def __init__(self, target: str, help: str) -> None:
+        self.target, self.help = target, help
+
+    def __call__(self, argv: list[str]) -> int:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)(argv)
+
+
+COMMANDS = {
+    "fit": Command("fedclip.cli:cmd_fit", "run a federated prompt-learning experiment"),
+    "evaluate": Command("fedclip.cli:cmd_evaluate", "evaluate every client of a saved run"),
+    "partition": Command(
+        "fedclip.partition_command:cmd_partition",
+        "show how the data is split among clients (table, JSON, heatmap; no model)",
+    ),
+    "export": Command("fedclip.export:cmd_export", "write a run's prompts as one .safetensors"),
+    "predict": Command(
+        "fedclip.predict:cmd_predict", "classify image files with a run's trained prompts"
+    ),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("fedclip")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+def top_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: fedclip COMMAND [options]   (fedclip COMMAND -h: that command's keys)",
+        "",
+        "Federated prompt learning on frozen CLIP-like models.",
+        "",
+        "commands:",
+        *(f"  {n:<{width}}  {getattr(c, 'help', '')}" for n, c in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help     show this message",
+        "  --version      show the fedclip version",
+        "",
+        "Every YAML key is also a flag (--federation.rounds=3); keys are exact (no prefixes).",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate_parser():
+    from fedclip.config import add_run_arguments
+    from fedclip.data.datasets import DatasetSource
+
+    parser = command_parser(
+        "fedclip evaluate", "Evaluate every client of a saved run from its last checkpoint."
     )
     add_run_arguments(parser)
     parser.add_subclass_arguments(
@@ -93,11 +131,24 @@ def user_error(error: BaseException) -> BaseException | None:
 
 
 def cmd_fit(argv: list[str]) -> int:
+    import yaml
+
+    from fedclip.checkpoint import write_text_atomic
+    from fedclip.config import (
+        build_fit_config,
+        check_config_files,
+        check_resume,
+        check_run_name,
+        default_run_name,
+        fit_parser,
+    )
     from fedclip.federation import Federation, FederationError
+    from fedclip.report import print_table, write_results
+    from fedclip.sweeps import configure_sweep_run, continue_sweep_run, requeue_if_preempted
 
     check_config_files(argv)
     parser = fit_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(parser, argv)
     cfg, plain = build_fit_config(parser, ns)
     # under a W&B sweep: W&B logging on, and a run folder named after the agent's run id
     run_name = configure_sweep_run(cfg, plain) or cfg.run_name or default_run_name(cfg)
@@ -182,10 +233,15 @@ def cmd_fit(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
+    import json
+
+    from fedclip.checkpoint import write_text_atomic
+    from fedclip.config import read_run_config
     from fedclip.federation import Federation
+    from fedclip.report import print_table
 
     eval_parser = evaluate_parser()
-    ns = eval_parser.parse_args(argv)
+    ns = parse_args(eval_parser, argv)
     run_dir = Path(ns.run_dir)
     cfg, plain = read_run_config(run_dir)
     cfg.fabric.devices = cfg.fabric.num_nodes = 1  # evaluation runs in this one process
@@ -208,71 +264,21 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-def partition_parser() -> ArgumentParser:
-    parser = fit_parser()
-    parser.prog = "fedclip partition"
-    parser.description = (
-        "Show how the configured data and partitioner split the samples among clients: a "
-        "per-client table, and a JSON summary plus a heatmap PNG of the client-by-class counts."
-    )
-    parser.add_argument(
-        "--out",
-        type=str | None,
-        default=None,
-        help="path stem of the .json and .png (default: output_dir/partition-<dataset>)",
-    )
-    return parser
-
-
-def cmd_partition(argv: list[str]) -> int:
-    from rich.console import Console
-
-    from fedclip.data.federated import FederatedData
-    from fedclip.report import partition_table, write_partition
-
-    check_config_files(argv)
-    parser = partition_parser()
-    ns = parser.parse_args(argv)
-    cfg, _ = build_fit_config(parser, ns)
-    data = FederatedData(cfg.data, cfg.seed)
-    summary = data.summary()
-    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / f"partition-{summary['dataset']}"
-    title = f"{summary['dataset']}: {summary['partitioner']}, seed {cfg.seed}"
-    Console().print(partition_table(summary, title))
-    try:
-        written = write_partition(summary, out.parent, out.name)
-    except OSError as e:  # e.g. --out under a file, or a folder the user cannot write
-        raise UsageError(f"cannot write {out}.json/.png: {e.strerror or e}") from e
-    for path in written:
-        print(f"wrote {path}")
-    return 0
-
-
-COMMANDS = {
-    "fit": cmd_fit,
-    "evaluate": cmd_evaluate,
-    "partition": cmd_partition,
-    "export": cmd_export,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = strip_agent_arguments(argv)  # e.g. the `--_wandb=...` of a requeued sweep run
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
-    usage = (
-        f"usage: fedclip {{{','.join(COMMANDS)}}} [--config X.yaml] [options]  "
-        "(fedclip fit -h for all keys)"
-    )
     if not argv or argv[0] in {"-h", "--help"}:
-        print(usage)
+        print(top_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"fedclip {version()}")
         return 0
     if argv[0] not in COMMANDS:
-        print(
-            f"fedclip: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
-            file=sys.stderr,
-        )
+        near = closest(argv[0], COMMANDS)
+        hint = f"did you mean {near}?" if near else f"choose from {', '.join(COMMANDS)}"
+        print(f"fedclip: error: unknown command {argv[0]!r} ({hint})", file=sys.stderr)
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])

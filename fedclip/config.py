@@ -23,6 +23,7 @@ from fedclip.data.federated import DataConfig
 from fedclip.errors import UsageError
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
+from fedclip.parsing import command_parser
 from fedclip.privacy import PrivacyConfig
 from fedclip.strategies.base import Strategy
 from fedclip.strategies.fedavg import FedAvg
@@ -134,12 +135,9 @@ DEFAULTS = {
 
 def fit_parser() -> ArgumentParser:
     """The parser of `fedclip fit`: every FitConfig key is a flag, plus --config, --resume and
-    --progress. Bad flags or values raise argparse.ArgumentError (exit_on_error=False)."""
-    parser = ArgumentParser(
-        prog="fedclip fit",
-        description="Run a federated prompt-learning experiment.",
-        exit_on_error=False,
-    )
+    --progress. Exact keys only; bad flags or values raise argparse.ArgumentError (read it
+    with `fedclip.parsing.parse_args` to name the closest key on a typo)."""
+    parser = command_parser("fedclip fit", "Run a federated prompt-learning experiment.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s)")
     parser.add_argument(
         "--resume",

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fedclip.checkpoint import atomic_path, file_mode, load_checkpoint
 from fedclip.errors import CheckpointError, DataError, UsageError
+from fedclip.parsing import command_parser, parse_args
 
 log = logging.getLogger(__name__)
 
@@ -409,10 +410,8 @@ def load_learner(
 
 # ---- the command -------------------------------------------------------------------------
 def export_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="fedclip export",
-        description="Write the learned prompts of a run as one .safetensors file for sharing.",
-        exit_on_error=False,
+    parser = command_parser(
+        "fedclip export", "Write the learned prompts of a run as one .safetensors file for sharing."
     )
     from fedclip.config import add_run_arguments  # lazy: config imports the whole package
 
@@ -433,7 +432,8 @@ def export_parser() -> ArgumentParser:
 
 
 def cmd_export(argv: list[str]) -> int:
-    ns = export_parser().parse_args(argv)
+    parser = export_parser()
+    ns = parse_args(parser, argv)
     path = export_prompts(ns.run_dir, ns.out, ns.clients, ns.checkpoint)
     from safetensors import safe_open
 

@@ -21,6 +21,7 @@ from fedclip.backbone.config import (
     check_model_name,
     make_tokenizer,
     open_model,
+    quiet_random_init,
     resolve_pretrained,
 )
 from fedclip.backbone.dense import DensePath
@@ -84,15 +85,18 @@ class FrozenCLIP(TextPath, VisionPath, DensePath, FeatureCache, nn.Module):
     @classmethod
     def from_config(cls, cfg: BackboneConfig) -> FrozenCLIP:
         check_model_name(cfg.model)
-        pretrained = resolve_pretrained(cfg)
+        with quiet_random_init():  # open_clip's notice while fedclip makes its own weights
+            pretrained = resolve_pretrained(cfg)
         if pretrained is None:
             log.warning(
-                "backbone %s has RANDOM weights (pretrained: null): fine for tests and the "
-                "offline demo, meaningless for real experiments",
+                "backbone %s has RANDOM weights (pretrained: null): its features are noise and "
+                "its results say nothing about a real model; meant for tests (the offline "
+                "demo uses pretrained: shapes, weights fedclip pre-trains on its Shapes data)",
                 cfg.model,
             )
         tokenizer = make_tokenizer(cfg)  # before the model: a missing tokenizer fails fast
-        model, pre_train, pre_val = open_model(cfg, pretrained)
+        with quiet_random_init():
+            model, pre_train, pre_val = open_model(cfg, pretrained)
         return cls(model, tokenizer, pre_train, pre_val, cfg.model)
 
     def train(self, mode: bool = True) -> FrozenCLIP:

@@ -7,7 +7,9 @@ asked of open_clip; a name neither knows is a one-line BackboneError that says w
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +105,30 @@ def make_tokenizer(cfg: BackboneConfig):
             f"{cfg.model}: could not load its tokenizer ({str(e).splitlines()[0][:160]}); on "
             "a machine without internet, fill the Hugging Face cache elsewhere (HF_HOME)"
         ) from e
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly": fedclip
+    builds its models without open_clip's weights and then loads its own (the offline
+    `shapes` weights), or says itself that the weights are random (`pretrained: null`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Within the block, open_clip's random-initialisation notice is not shown (open_clip
+    logs it on the root logger)."""
+    notice = _RandomInitNotice()
+    loggers = [logging.getLogger(), logging.getLogger("open_clip")]
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
 
 
 def open_model(cfg: BackboneConfig, pretrained: str | None) -> tuple[nn.Module, object, object]:

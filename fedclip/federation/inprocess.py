@@ -3,6 +3,7 @@ with the data, the backbone and every client built here."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,30 @@ from fedclip.federation.runtime import ClientRuntime
 from fedclip.federation.settings import check_config, check_task, config_fingerprint
 
 
+def quiet_lightning() -> None:
+    """Lightning Fabric's INFO lines off (its warnings stay): with several ranks every rank
+    printed "Initializing distributed: GLOBAL_RANK ..." and rank 0 a banner of dashes;
+    fedclip says itself what runs where. Lightning sets the level when it is imported, so
+    this runs after that, when the Fabric is built."""
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def without_anonymous(loggers: list) -> list:
+    """Lightning's WandbLogger passes `anonymous=None` to wandb.init, which recent wandb
+    versions warn about ("The anonymous setting has no effect ..."): left out."""
+    for logger in loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+    return loggers
+
+
 def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) -> Fabric:
     """The run's Fabric: one process per device; several ranks use plain DDP collectives
     (modules are never wrapped: clients differ)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    quiet_lightning()
     devices = cfg.fabric.devices if devices is None else devices
     num_nodes = cfg.fabric.num_nodes if num_nodes is None else num_nodes
     try:
@@ -98,7 +118,7 @@ class Federation(RoundLoop):
             FabricExecutor(self.runtime) if fabric.world_size > 1 else LocalExecutor(self.runtime)
         )
         run_dir = Path(run_dir) if run_dir is not None else None
-        loggers = make_loggers(run_dir, cfg) if run_dir is not None else []
+        loggers = without_anonymous(make_loggers(run_dir, cfg)) if run_dir is not None else []
         super().__init__(
             cfg,
             executor,

@@ -7,7 +7,9 @@ The contract (every method implements or inherits each part; nothing is guessed)
   one factory, `make_learner`, in the round loop, on a Flower node and for exports alike.
 - `inputs`: the `Input`s its batches must hold (pooled cached features by default; raw
   images, cached dense tokens, flip targets); the data layer feeds exactly those.
-- `forward(batch) -> logits (B, C)`, `training_loss(batch) -> scalar`.
+- `forward(batch) -> logits (B, C)`, `training_loss(batch) -> scalar`. `predict(images)`
+  (inherited) gives class probabilities of images alone, building the batch its `inputs`
+  need.
 - `shared_keys()`: the tensors that are uploaded, declared by every learner (there is no
   default: a personalised method that forgot would upload its personal part), and
   `personal_keys()`: the trainable tensors that never leave the client. Every trainable
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -302,6 +304,69 @@ class PromptLearner(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         f = self.image_features(batch)  # (B, D)
         return self.scores(f, self.class_text_features())
+
+    # ---- inference on images ------------------------------------------------------------
+    def inference_batch(self, images: Tensor | Sequence[Any]) -> Batch:
+        """A Batch of `images` holding what this learner's `inputs` declare, computed as the
+        data layer computes them: pooled features (FEATURES), dense tokens through float16
+        as they are cached (TOKENS), the images themselves (IMAGES), the image's and its
+        flip's features (FLIP_TARGETS). Labels and sample ids are placeholders (zeros,
+        0..B-1): nothing at inference reads them.
+
+        images: a (B, 3, H, W) or (3, H, W) tensor already preprocessed with the backbone's
+        evaluation transform (`clip.preprocess_val`), or a list of PIL images, which are
+        preprocessed here with that transform."""
+        clip = self.clip
+        if not isinstance(images, Tensor):
+            images = torch.stack([clip.preprocess_val(image) for image in images])
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        images = images.to(clip.device)
+        n, inputs = images.shape[0], type(self).inputs
+        with torch.no_grad():
+            features = clip.encode_image(images).float() if Input.FEATURES in inputs else None
+            tokens = None
+            if Input.TOKENS in inputs:
+                tokens = clip.encode_dense(images).to(torch.float16).float()
+            targets = None
+            if Input.FLIP_TARGETS in inputs:
+                plain, flipped = clip.encode_image(images), clip.encode_image(images.flip(-1))
+                targets = torch.stack([plain, flipped], dim=1).float()
+        if self.multilabel:
+            labels = torch.zeros(n, self.num_classes, device=images.device)
+        else:
+            labels = torch.zeros(n, dtype=torch.long, device=images.device)
+        return Batch(
+            labels=labels,
+            index=torch.arange(n, device=images.device),
+            images=images if Input.IMAGES in inputs else None,
+            features=features,
+            targets=targets,
+            tokens=tokens,
+        )
+
+    @torch.no_grad()
+    def predict_logits(self, images: Tensor | Sequence[Any]) -> Tensor:
+        """Logits (B, C) of `images` (see `inference_batch`) against the current classes
+        (`classnames`), in eval mode: what evaluation computes for the same images."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(self.inference_batch(images)).float()
+        finally:
+            if was_training:
+                self.train(True)
+
+    def predict(self, images: Tensor | Sequence[Any]) -> Tensor:
+        """Class probabilities (B, C) of `images`: a softmax over `classnames`; for a
+        multi-label task, each class's own sigmoid (they need not sum to 1).
+
+        images: a (B, 3, H, W) tensor preprocessed with the backbone's evaluation transform
+        (`learner.clip.preprocess_val`), or a list of PIL images (preprocessed here). No
+        Batch, labels or sample ids are needed; whatever the learner's `inputs` declare is
+        computed from the images (`inference_batch`). `predict_logits` gives the logits."""
+        logits = self.predict_logits(images)
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         if not self.multilabel:
