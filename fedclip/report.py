@@ -159,3 +159,6 @@ def write_results(fed: Any, run_dir: Path) -> None:
     write_text_atomic(run_dir / "summary.json", json.dumps(fed.summary(), indent=2, default=float))
     with atomic_path(run_dir / "curves.png") as tmp:
         plot_curves(fed.history, tmp)
+    publish = getattr(fed, "publish_files", None)  # W&B: the plot as an image, the file
+    if publish is not None:
+        publish([run_dir / "summary.json", run_dir / "curves.png"])

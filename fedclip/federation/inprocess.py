@@ -98,7 +98,7 @@ class Federation(RoundLoop):
             FabricExecutor(self.runtime) if fabric.world_size > 1 else LocalExecutor(self.runtime)
         )
         run_dir = Path(run_dir) if run_dir is not None else None
-        loggers = make_loggers(run_dir, cfg) if run_dir is not None else []
+        loggers = make_loggers(run_dir, cfg, config_dict) if run_dir is not None else []
         super().__init__(
             cfg,
             executor,
