@@ -81,12 +81,22 @@ class LoggerConfig:
         project: W&B project.
         entity: W&B entity (team or user); null uses the default.
         tags: W&B tags.
+        group: W&B group (e.g. the runs of one experiment); null: none.
+        job_type: W&B job type (e.g. "train", "ablation"); null: none.
+        notes: W&B notes, a free-text description of the run.
+        log_artifacts: at the end of a finished run, export the prompts (as `fedclip
+            export` does, to RUN_DIR/prompts.safetensors) and log them to W&B as an
+            artifact of type "model".
     """
 
     wandb: bool = False
     project: str = "fedclip"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    job_type: str | None = None
+    notes: str | None = None
+    log_artifacts: bool = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ the partition as a table and a heatmap."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,56 +20,147 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Accuracy (mean, min-max band) and training loss against rounds."""
+# more clients than this: the per-client curves become a client x round heatmap
+MAX_CLIENT_LINES = 20
+REFERENCE_LABEL = "round 0 (before training)"
+
+
+def _client_series(ev: list[dict[str, float]], name: str) -> dict[int, list[float]]:
+    """{client: its headline metric (%) in each evaluated row} (NaN where missing)."""
+    pattern = re.compile(rf"^client/(\d+)/{name}$")
+    ids = sorted({int(m.group(1)) for r in ev for key in r if (m := pattern.match(key))})
+    return {k: [100 * r.get(f"client/{k}/{name}", float("nan")) for r in ev] for k in ids}
+
+
+def loss_limits(values: list[float]) -> tuple[float, float]:
+    """y-limits of the loss axis: from 0 (a loss is never negative) to a little above the
+    largest value, so that a 0.29-0.30 wobble reads as flat rather than as a spike; the
+    data's own range, padded, if a value is negative."""
+    lo, hi = min(values), max(values)
+    if lo >= 0:
+        top = hi * 1.08 if hi > 0 else 1.0
+        return 0.0, top
+    pad = max(0.05 * (hi - lo), 0.05 * max(abs(lo), abs(hi)), 1e-3)
+    return lo - pad, hi + pad
+
+
+def curves_figure(history: list[dict[str, float]]):
+    """The training curves of a run as a matplotlib Figure.
+
+    Accuracy (mAP for multi-label data) against rounds: each client's as a thin line (a
+    client x round heatmap beside it instead once there are more than MAX_CLIENT_LINES
+    clients, the min-max band then showing the spread), the mean over clients bold, the
+    round-0 evaluation (before training) as a dashed horizontal reference, and the pooled
+    base / novel / HM (or pooled mAP) where logged. Then the mean local training loss, on
+    an axis from 0. Rounds are integer ticks.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     name = "map" if any("eval/map_mean" in r for r in history) else "acc"
+    title = "mAP" if name == "map" else "accuracy"
     ev = [r for r in history if f"eval/{name}_mean" in r]
     tr = [
         r
         for r in history
-        if r.get("train/loss_mean") == r.get("train/loss_mean") and "train/loss_mean" in r
+        if "train/loss_mean" in r and r["train/loss_mean"] == r["train/loss_mean"]
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    clients = _client_series(ev, name)
+    heatmap = len(clients) > MAX_CLIENT_LINES
+    fig, axes = plt.subplots(1, 3 if heatmap else 2, figsize=(15 if heatmap else 10, 4))
+    acc_ax, loss_ax = axes[0], axes[-1]
+    x = [int(r["round"]) for r in ev]
     if ev:
-        x = [r["round"] for r in ev]
-        axes[0].plot(
-            x, [100 * r[f"eval/{name}_mean"] for r in ev], marker="o", label="mean over clients"
-        )
-        axes[0].fill_between(
+        if heatmap:
+            acc_ax.fill_between(
+                x,
+                [100 * r[f"eval/{name}_min"] for r in ev],
+                [100 * r[f"eval/{name}_max"] for r in ev],
+                alpha=0.2,
+                label="min-max over clients",
+            )
+        else:
+            for i, values in enumerate(clients.values()):
+                label = "each client" if i == 0 else None
+                acc_ax.plot(x, values, linewidth=0.8, alpha=0.5, color="tab:gray", label=label)
+        acc_ax.plot(
             x,
-            [100 * r[f"eval/{name}_min"] for r in ev],
-            [100 * r[f"eval/{name}_max"] for r in ev],
-            alpha=0.2,
-            label="min-max",
+            [100 * r[f"eval/{name}_mean"] for r in ev],
+            marker="o",
+            linewidth=2.5,
+            color="tab:blue",
+            label="mean over clients",
+            zorder=3,
         )
+        start = [r for r in ev if int(r["round"]) == 0]
+        if start:
+            acc_ax.axhline(
+                100 * start[0][f"eval/{name}_mean"],
+                linestyle="--",
+                color="black",
+                linewidth=1,
+                label=REFERENCE_LABEL,
+            )
         extra = (("eval/base", "base"), ("eval/novel", "novel"), ("eval/hm", "HM"))
         extra += (("eval/map_pooled", "pooled mAP"),)
         for key, label in extra:
-            if key in ev[0]:
-                axes[0].plot(x, [100 * r[key] for r in ev], marker=".", label=label)
-        axes[0].legend()
-    title = "mAP" if name == "map" else "accuracy"
-    axes[0].set(xlabel="round", ylabel=f"test {title} (%)", title=title)
+            if key in ev[-1]:
+                rows = [r for r in ev if key in r]
+                acc_ax.plot(
+                    [int(r["round"]) for r in rows],
+                    [100 * r[key] for r in rows],
+                    marker=".",
+                    label=label,
+                )
+        acc_ax.legend(fontsize=8)
+    acc_ax.set(xlabel="round", ylabel=f"test {title} (%)", title=f"{title} per round")
+    if heatmap:
+        ax = axes[1]
+        grid = [clients[k] for k in clients]
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        fig.colorbar(image, ax=ax, label=f"test {title} (%)")
+        step = max(1, len(x) // 10)
+        ax.set_xticks(range(0, len(x), step), [str(v) for v in x[::step]])
+        ax.set(xlabel="round", ylabel="client", title=f"{title} per client and round")
     if tr:
-        axes[1].plot([r["round"] for r in tr], [r["train/loss_mean"] for r in tr], marker="o")
-    axes[1].set(xlabel="round", ylabel="mean local loss", title="training loss")
+        losses = [r["train/loss_mean"] for r in tr]
+        loss_ax.plot([int(r["round"]) for r in tr], losses, marker="o")
+        loss_ax.set_ylim(*loss_limits(losses))
+    loss_ax.set(xlabel="round", ylabel="mean local loss", title="training loss")
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def plot_partition(summary: dict[str, Any], path: Path, title: str = "") -> None:
-    """Heatmap of training samples per (client, class), with each client's total."""
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """curves_figure(history) saved as a PNG at `path`."""
+    fig = curves_figure(history)
+    fig.savefig(path, dpi=100, format="png")
+    _pyplot().close(fig)
+
+
+def partition_figure(summary: dict[str, Any], title: str = ""):
+    """Heatmap of training samples per (client, class), with each client's total, as a
+    matplotlib Figure. Multi-label data (`summary["multilabel"]`): each image is counted
+    once, under its rarest label (how the partitioners assign it), and the labels say so."""
     import numpy as np
 
     plt = _pyplot()
     counts = np.asarray(summary["train_counts"], dtype=float)  # (K, C)
     k, c = counts.shape
-    fig, ax = plt.subplots(figsize=(min(4 + 0.12 * c, 24), min(2 + 0.3 * k, 30)))
+    multilabel = bool(summary.get("multilabel"))
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 4 + 0.12 * c), 24), min(3 + 0.3 * k, 30)))
     image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="training samples")
-    ax.set(xlabel="class", ylabel="client", title=title or "training samples per client and class")
+    if multilabel:
+        bar, xlabel = "training images (by rarest label)", "rarest label"
+        default = "training images per client and rarest label"
+    else:
+        bar, xlabel, default = "training samples", "class", "training samples per client and class"
+    fig.colorbar(image, ax=ax, label=bar)
+    ax.set(xlabel=xlabel, ylabel="client", title=title or default)
+    if title and multilabel:
+        ax.set_title(f"{title}\n(multi-label: each image counted once, by its rarest label)")
     if k <= 40:
         labels = []
         for row in summary["clients"]:
@@ -79,8 +171,14 @@ def plot_partition(summary: dict[str, Any], path: Path, title: str = "") -> None
     if names and c <= 60:
         ax.set_xticks(range(c), names, rotation=90, fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_partition(summary: dict[str, Any], path: Path, title: str = "") -> None:
+    """partition_figure(summary, title) saved as a PNG at `path`."""
+    fig = partition_figure(summary, title)
+    fig.savefig(path, dpi=100, format="png")
+    _pyplot().close(fig)
 
 
 def partition_table(summary: dict[str, Any], title: str):
@@ -175,3 +273,6 @@ def write_results(fed: Any, run_dir: Path) -> None:
     write_text_atomic(run_dir / "summary.json", json.dumps(fed.summary(), indent=2, default=float))
     with atomic_path(run_dir / "curves.png") as tmp:
         plot_curves(fed.history, tmp)
+    publish = getattr(fed, "publish_files", None)  # W&B: the plot as an image, the file
+    if publish is not None:
+        publish([run_dir / "summary.json", run_dir / "curves.png"])

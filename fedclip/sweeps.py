@@ -13,14 +13,16 @@ sweep, fedclip:
   so two agents sharing an output folder never meet, and a requeued run finds its own
   folder and continues from its checkpoint;
 - leaves the W&B run id (and project and entity) to the agent: wandb ignores any other
-  under a sweep, with a warning.
+  under a sweep, with a warning. Outside a sweep the id is fedclip's own, a fresh random
+  one kept in the run folder (`wandb_id`) and reused only by `--resume`
+  (fedclip.tracking); under a sweep nothing is stored: a requeued run gets the agent's id
+  again.
 
 Nothing here imports wandb at module level: outside a sweep none of it costs anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -117,27 +119,29 @@ def continue_sweep_run(checkpoint: Path) -> bool:
     return sweep_run_id() is not None and checkpoint.is_file()
 
 
-def wandb_logger_kwargs(run_dir: Path, logger_cfg: LoggerConfig) -> dict[str, Any]:
-    """Keyword arguments of Lightning's `WandbLogger` for run folder `run_dir`.
+def wandb_init_kwargs(
+    run_dir: Path, logger_cfg: LoggerConfig, run_id: str | None
+) -> dict[str, Any]:
+    """Keyword arguments of `wandb.init` for run folder `run_dir` (config aside).
 
-    Outside a sweep the W&B run id derives from the run folder's path, so a resumed run
-    (`--resume true`) continues its W&B run. Under a sweep the run id is the agent's
-    (wandb reads WANDB_RUN_ID itself): any other would be ignored with a warning, and the
-    agent's is what ties the run to its sweep. Project and entity are passed as configured;
+    Outside a sweep the W&B run id is `run_id`, fedclip's own: a fresh random one stored in
+    the run folder, reused only when the run continues from its checkpoint (see
+    fedclip.tracking). Under a sweep the run id is the agent's (wandb reads WANDB_RUN_ID
+    itself): any other would be ignored with a warning, and the agent's is what ties the
+    run to its sweep, so `run_id` is left out. Project and entity are passed as configured;
     under a sweep wandb uses the sweep's and says so.
     """
-    if sweep_run_id() is None:
-        run_id: str | None = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
-    else:
-        run_id = None
     return {
         "project": logger_cfg.project,
         "entity": logger_cfg.entity,
         "name": run_dir.name,
-        "id": run_id,
+        "id": run_id if sweep_run_id() is None else None,
         "resume": "allow",
-        "save_dir": str(run_dir),
-        "tags": logger_cfg.tags,
+        "dir": str(run_dir),
+        "tags": list(logger_cfg.tags),
+        "group": logger_cfg.group,
+        "job_type": logger_cfg.job_type,
+        "notes": logger_cfg.notes,
     }
 
 

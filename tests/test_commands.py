@@ -196,15 +196,3 @@ def test_lightning_fabric_info_lines_are_off(caplog):
 
     build_fabric(small_config())
     assert logging.getLogger("lightning.fabric").getEffectiveLevel() >= logging.WARNING
-
-
-def test_wandb_logger_passes_no_anonymous_setting(tmp_path):
-    pytest.importorskip("wandb")
-    from lightning.pytorch.loggers import WandbLogger
-
-    from fedclip.federation.inprocess import without_anonymous
-
-    logger = WandbLogger(project="p", save_dir=str(tmp_path), offline=True)
-    assert "anonymous" in logger._wandb_init  # what Lightning passes; wandb warns about it
-    without_anonymous([logger])
-    assert "anonymous" not in logger._wandb_init

@@ -193,8 +193,6 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     cfg.logger.wandb = True
     fed = Federation(cfg, tmp_path / "wb", show_progress=False)
     fed.fit()
-    for lg in fed.fabric.loggers:
-        if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
-            lg.experiment.finish()
+    fed.close(0)
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

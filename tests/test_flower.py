@@ -567,3 +567,42 @@ def test_superlink_and_two_supernodes_equal_fedclip_fit(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert results(summary) == results(json.loads(json.dumps(local.summary(), default=float)))
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_flower_run_logs_its_config_and_plots_to_wandb(tmp_path, task_identity, monkeypatch):
+    """A ServerApp run with logger.wandb (offline): its W&B run holds the resolved config,
+    nested as the run folder's config.yaml, the logger settings and the plots, as a
+    `fedclip fit` run's does."""
+    import wandb
+    import yaml
+
+    from fedclip.flower import server
+
+    from .test_tracking import records
+    from .test_tracking import run_config as wandb_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = (
+        f"--progress=false --output_dir={tmp_path / 'runs'} --run_name=fl --federation.rounds=1"
+        " --logger.wandb=true --logger.group=flower --logger.job_type=deploy"
+    )
+    run_config = {"config": str(write(tmp_path, PROMPTFL)), "overrides": overrides}
+    try:
+        server.main(LoopbackGrid(ids(2)), Context(1, 0, {}, RecordDict(), run_config))
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    run_dir = tmp_path / "runs" / "fl"
+    (offline_run,) = run_dir.glob("wandb/offline-run-*")
+    recs = records(offline_run)
+    (run,) = recs["run"]
+    config = wandb_config(run)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {k: v for k, v in config.items() if k != "_wandb"} == saved
+    assert config["learner"]["class_path"] == "fedclip.learners.TextualPrompt"
+    assert (run.run_group, run.job_type, run.display_name) == ("flower", "deploy", "fl")
+    assert run.run_id == (run_dir / "wandb_id").read_text().strip()
+    images = sorted(p.name.split("_")[0] for p in offline_run.glob("files/media/images/plots/*"))
+    assert images == ["curves", "partition"]
+    assert (offline_run / "files" / "fl" / "summary.json").is_file()

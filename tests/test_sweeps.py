@@ -225,15 +225,16 @@ def test_configure_sweep_run_under_a_sweep(tmp_path, under_sweep):
     assert sweeps.configure_sweep_run(cfg, plain) == f"lr-sweep-{RUN_ID}"
 
 
-def test_wandb_logger_kwargs(tmp_path, monkeypatch, no_sweep):
+def test_wandb_init_kwargs(tmp_path, monkeypatch, no_sweep):
     run_dir = tmp_path / "runs" / "one"
-    own = sweeps.wandb_logger_kwargs(run_dir, LoggerConfig(project="p", tags=["t"]))
-    assert own["id"] and len(own["id"]) == 12 and own["resume"] == "allow"
-    assert own == sweeps.wandb_logger_kwargs(run_dir, LoggerConfig(project="p", tags=["t"]))
-    assert (own["name"], own["save_dir"], own["project"]) == ("one", str(run_dir), "p")
+    logger = LoggerConfig(project="p", tags=["t"], group="g", job_type="train", notes="n")
+    own = sweeps.wandb_init_kwargs(run_dir, logger, "abc123")
+    assert own["id"] == "abc123" and own["resume"] == "allow"
+    assert (own["name"], own["dir"], own["project"]) == ("one", str(run_dir), "p")
+    assert (own["tags"], own["group"], own["job_type"], own["notes"]) == (["t"], "g", "train", "n")
     monkeypatch.setenv(sweeps.SWEEP_ID_ENV, SWEEP_ID)
     monkeypatch.setenv(sweeps.RUN_ID_ENV, RUN_ID)
-    under = sweeps.wandb_logger_kwargs(run_dir, LoggerConfig(project="p", tags=["t"]))
+    under = sweeps.wandb_init_kwargs(run_dir, logger, "abc123")
     assert under["id"] is None, "under a sweep the agent's WANDB_RUN_ID is the run id"
     assert {k: v for k, v in under.items() if k != "id"} == {
         k: v for k, v in own.items() if k != "id"

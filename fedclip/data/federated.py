@@ -335,6 +335,8 @@ class FederatedData:
             "partitioner": repr(self.partitioner),
             "seed": self.seed,
             "classnames": self.all_classnames,
+            # multi-label: the counts count each image once, by its rarest label
+            "multilabel": self.multilabel,
             "clients": clients,
             "train_counts": train.tolist(),
             "test_counts": test.tolist(),

@@ -28,16 +28,6 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
 
-def without_anonymous(loggers: list) -> list:
-    """Lightning's WandbLogger passes `anonymous=None` to wandb.init, which recent wandb
-    versions warn about ("The anonymous setting has no effect ..."): left out."""
-    for logger in loggers:
-        init = getattr(logger, "_wandb_init", None)
-        if isinstance(init, dict) and init.get("anonymous") is None:
-            init.pop("anonymous", None)
-    return loggers
-
-
 def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) -> Fabric:
     """The run's Fabric: one process per device; several ranks use plain DDP collectives
     (modules are never wrapped: clients differ)."""
@@ -118,7 +108,7 @@ class Federation(RoundLoop):
             FabricExecutor(self.runtime) if fabric.world_size > 1 else LocalExecutor(self.runtime)
         )
         run_dir = Path(run_dir) if run_dir is not None else None
-        loggers = without_anonymous(make_loggers(run_dir, cfg)) if run_dir is not None else []
+        loggers = make_loggers(run_dir, cfg, config_dict) if run_dir is not None else []
         super().__init__(
             cfg,
             executor,

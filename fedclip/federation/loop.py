@@ -43,18 +43,16 @@ def sample_clients(sampler: torch.Generator, num_clients: int, fraction: float) 
     return sorted(torch.randperm(num_clients, generator=sampler)[:m].tolist())
 
 
-def make_loggers(run_dir: Path, cfg) -> list:
-    """The run's metric loggers: the CSV file, and W&B when configured."""
+def make_loggers(run_dir: Path, cfg, config: dict[str, Any] | None = None) -> list:
+    """The run's metric loggers: the CSV file, and W&B when configured (`config`: the
+    resolved config as plain data, the W&B run's config; see fedclip.tracking)."""
     from lightning.fabric.loggers import CSVLogger
 
     loggers: list = [CSVLogger(root_dir=str(run_dir), name="", version="csv")]
     if cfg.logger.wandb:
-        from lightning.pytorch.loggers import WandbLogger
+        from fedclip.tracking import WandbTracker
 
-        from fedclip.sweeps import wandb_logger_kwargs
-
-        # the run id derives from the run folder, or, under a W&B sweep, is the agent's
-        loggers.append(WandbLogger(**wandb_logger_kwargs(run_dir, cfg.logger)))
+        loggers.append(WandbTracker(run_dir, cfg.logger, config))
     return loggers
 
 
@@ -213,9 +211,10 @@ class RoundLoop:
         self.stopped_by = None
         if resume and not self.loaded:
             self.load(self.checkpoint_path)
+        self.start_loggers()
         if self.loaded:
             for row in self.history:  # the CSV logger starts a fresh file: replay the past
-                self._log(row, int(row["round"]))
+                self._log(row, int(row["round"]), replay=True)
         last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
         initial = self.cfg.learner.initial_state()
         self._started = started = time.perf_counter()
@@ -256,9 +255,27 @@ class RoundLoop:
         self.flush_loggers()
         return self.history
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
+    def _log(self, metrics: dict[str, float], step: int, replay: bool = False) -> None:
         for lg in self.loggers:
-            lg.log_metrics(metrics, step=step)
+            if not (replay and getattr(lg, "replays", True) is False):
+                lg.log_metrics(metrics, step=step)
+
+    def start_loggers(self) -> None:
+        """Start the loggers' runs that start with the fit (W&B: knowing whether this run
+        continues from a checkpoint, and its headline metric)."""
+        from fedclip.tracking import headline_metric
+
+        headline = headline_metric(self.info.multilabel, self.info.base_to_novel)
+        for lg in self.loggers:
+            if hasattr(lg, "start"):
+                lg.start(self.loaded, headline, self.history, self.round)
+
+    def publish_files(self, paths: list[Path]) -> None:
+        """Hand files just written to the run folder (plots, summary.json) to the loggers
+        that take them (W&B)."""
+        for lg in self.loggers:
+            if hasattr(lg, "publish"):
+                lg.publish(paths, self.round)
 
     def save_if_run_dir(self) -> None:
         if self.run_dir is not None and self.rank == 0:
@@ -273,10 +290,10 @@ class RoundLoop:
         closed here (marked failed for a non-zero code), not by an exit hook that a busy
         machine may cut short."""
         self.flush_loggers()
+        finished = exit_code == 0 and self.round >= self.cfg.federation.rounds
         for lg in self.loggers:
-            run = getattr(lg, "_experiment", None)  # only a W&B run that was started
-            if run is not None and hasattr(run, "finish"):
-                run.finish(exit_code=exit_code)
+            if hasattr(lg, "finish"):  # W&B: a finished run may log its prompts first
+                lg.finish(exit_code=exit_code, finished=finished)
 
     def elapsed_s(self) -> float:
         """Wall seconds spent in fit() so far, over every resume of the run."""

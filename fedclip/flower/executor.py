@@ -161,6 +161,7 @@ class FlowerExecutor(Executor):
                 "partitioner": first["partitioner"],
                 "seed": self.plain.get("seed", 0),
                 "classnames": first["classnames"],
+                "multilabel": bool(first["multilabel"]),
                 "clients": [info[k]["row"] for k in ks],
                 "train_counts": [info[k]["train_counts"] for k in ks],
                 "test_counts": [info[k]["test_counts"] for k in ks],

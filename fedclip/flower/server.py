@@ -156,7 +156,9 @@ class FlowerFederation(RoundLoop):
         """Wait for one node per client, ask each for its client, and start the loop with
         the initial shared state and schema the nodes report."""
         self.executor.connect()
-        loggers = make_loggers(self._run_dir, self.cfg) if self._run_dir is not None else []
+        loggers = (
+            make_loggers(self._run_dir, self.cfg, self.plain) if self._run_dir is not None else []
+        )
         RoundLoop.__init__(
             self,
             self.cfg,
