@@ -9,7 +9,7 @@ A run's W&B run gets:
 - every logged round against the step metric `round`. The headline metric
   (`eval/acc_mean`; `eval/map_mean` for multi-label data; `eval/hm` under base-to-novel)
   keeps its last value as its summary, the final evaluation that summary.json reports and
-  the sweeps optimise, and `best/<metric>` and `best/round` hold its best value and round;
+  the sweeps optimise (no best-over-rounds value: the test splits would pick it);
 - the plots as images whenever fedclip writes them: `plots/partition` (partition.png, at
   the start of fit) and `plots/curves` (curves.png, with the results); and config.yaml,
   partition.json and summary.json as run files, under `<run folder name>/` (wandb keeps
@@ -31,7 +31,6 @@ that a bad checkpoint or config refused before training creates no W&B run.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import secrets
 import string
@@ -112,7 +111,6 @@ class WandbTracker:
         self.config = yaml.safe_load(yaml.safe_dump(config or {}, sort_keys=False)) or {}
         self.run: Any = None
         self.headline = "eval/acc_mean"
-        self.best: float | None = None
         # a run that continues its W&B run already has the history the loop replays
         self.replays = True
 
@@ -140,8 +138,6 @@ class WandbTracker:
         run.define_metric("*", step_metric="round")
         # no summary option: the summary keeps the last value, what the sweeps optimise
         run.define_metric(headline, step_metric="round")
-        for row in history:  # the best so far of a continued run
-            self._track_best(row, int(row["round"]))
         self.publish(
             [self.run_dir / name for name in ("config.yaml", "partition.json", "partition.png")],
             step,
@@ -189,17 +185,6 @@ class WandbTracker:
         if step is not None:
             row["round"] = step
         self.run.log(row)
-        self._track_best(row, row.get("round"))
-
-    def _track_best(self, row: dict[str, Any], step: Any) -> None:
-        value = row.get(self.headline)
-        if value is None or not math.isfinite(value):
-            return
-        if self.best is None or value > self.best:
-            self.best = float(value)
-            if self.run is not None:
-                self.run.summary[f"best/{self.headline}"] = self.best
-                self.run.summary["best/round"] = None if step is None else int(step)
 
     def publish(self, paths: list[Path], step: int | None = None) -> None:
         """Send files just written in the run folder: .png files as images (`plots/STEM`),

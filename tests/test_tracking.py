@@ -127,15 +127,14 @@ def test_wandb_run_carries_config_settings_plots_files_and_artifact(tmp_path, of
         assert (offline_run / "files" / "r" / name).read_text() == (run_dir / name).read_text()
 
     # the step metric and the headline metric: the summary keeps its last value (the sweeps'
-    # metric), and its best value and round beside it
+    # metric); no best-over-rounds value, which the test splits would pick
     metrics = {(m.name or m.glob_name): m for m in recs["metric"]}
     assert metrics["eval/acc_mean"].step_metric == "round"
     assert metrics["*"].step_metric == "round"
     final = json.loads((run_dir / "summary.json").read_text())["eval"]["eval/acc_mean"]
     got = summary(recs)
     assert got["eval/acc_mean"] == pytest.approx(final)
-    assert got["best/eval/acc_mean"] >= got["eval/acc_mean"] - 1e-12
-    assert got["best/round"] in (0, 1)
+    assert not any(k.startswith("best/") for k in got)
 
     # the exported prompts, as an artifact of type "model"
     (artifact,) = recs["artifact"]
