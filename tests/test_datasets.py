@@ -106,11 +106,26 @@ def test_shapes_classes_look_different():
         ({"seed": -1}, "seed"),
         ({"num_classes": "3"}, "num_classes"),
         ({"image_size": 31.5}, "image_size"),
+        ({"style": "night"}, "style"),
+        ({"style": None}, "style"),
     ],
 )
 def test_shapes_bad_args(kwargs, arg):
     with pytest.raises(ConfigError, match=arg):
         Shapes(**kwargs)
+
+
+def test_shapes_tungsten_style_is_plain_under_a_warm_cast():
+    plain = Shapes(num_classes=4, train_per_class=2).dataset("train", None)
+    warm_src = Shapes(num_classes=4, train_per_class=2, style="tungsten")
+    warm = warm_src.dataset("train", None)
+    for i in range(8):
+        p, w = pixels(plain[i][0]).astype(float), pixels(warm[i][0]).astype(float)
+        assert plain[i][1] == warm[i][1]
+        np.testing.assert_allclose(w, 0.7 * p + 0.3 * np.array([255, 150, 40]), atol=0.51)
+    assert warm_src.key("train") != Shapes(num_classes=4, train_per_class=2).key("train")
+    assert "tungsten" in warm_src.key("test")
+    assert Shapes(style="plain").key("train") == "shapes-c10-n32-px64-seed0/train"
 
 
 def test_indexed_subset():

@@ -5,8 +5,8 @@ text prompts, cheap integer labels for the partitioners (no image decoding), and
 torch `Dataset` of (image, label) pairs for training. Sources are picked in YAML with
 `class_path`, so each constructor's arguments are the config keys and its docstring is the help.
 
-- `Shapes`: procedurally drawn coloured shapes; always available, used by the offline quickstart
-  and the tests.
+- `Shapes`: procedurally drawn coloured shapes; always available, used by the offline quickstarts
+  (in its "tungsten" style, a colour cast the tiny backbone is not pre-trained on) and the tests.
 - `CIFAR10`, `CIFAR100`: through torchvision, from the published python-pickle batches.
 
 This module gathers them: the contract is in `source`, Shapes in `shapes`, CIFAR in `cifar`.
