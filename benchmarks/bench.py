@@ -373,7 +373,8 @@ def section_scaling(sizes: Sizes) -> dict[str, Any]:
 # ---- accuracy sanity table ------------------------------------------------------------------------
 def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
     """Every registered method with its quickstart's learner, strategy and optimiser on
-    the same offline task (20 Shapes classes, 10 clients, IID and Dirichlet 0.1)."""
+    the same offline task (20 Shapes classes under tungsten light, the quickstarts' shift
+    from the backbone's pre-training; 10 clients, IID and Dirichlet 0.1)."""
     from fedclip.config import FabricConfig, FederationConfig, FitConfig
     from fedclip.data import IID, Dirichlet, Shapes
     from fedclip.data.federated import DataConfig
@@ -396,6 +397,7 @@ def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
                         num_classes=20,
                         train_per_class=sizes.accuracy_images[0],
                         test_per_class=sizes.accuracy_images[1],
+                        style="tungsten",
                     ),
                     partitioner=partitioner(),
                     num_clients=10,
@@ -504,7 +506,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{sc['classes'][method]['slope_s']:.4f} |"
         )
     lines += ["", "![scaling](scaling.png)", "",
-              "## Accuracy sanity table (built-in Shapes, tiny CLIP, equal budgets)", "",
+              "## Accuracy sanity table (built-in Shapes under tungsten light, tiny CLIP, equal budgets)", "",
               "| partition | method | mean acc | min acc |", "|---|---|---|---|"]  # fmt: skip
     for r in results["accuracy"]:
         lines.append(
