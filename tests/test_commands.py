@@ -195,4 +195,5 @@ def test_lightning_fabric_info_lines_are_off(caplog):
     from tests.conftest import small_config
 
     build_fabric(small_config())
-    assert logging.getLogger("lightning.fabric").getEffectiveLevel() >= logging.WARNING
+    for name in ("lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING

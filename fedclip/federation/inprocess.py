@@ -19,13 +19,18 @@ from fedclip.federation.loop import RoundLoop, make_loggers
 from fedclip.federation.runtime import ClientRuntime
 from fedclip.federation.settings import check_config, check_task, config_fingerprint
 
+QUIET_LOGGERS = ("lightning.fabric", "lightning.pytorch", "lightning_utilities")
+
 
 def quiet_lightning() -> None:
     """Lightning Fabric's INFO lines off (its warnings stay): with several ranks every rank
     printed "Initializing distributed: GLOBAL_RANK ..." and rank 0 a banner of dashes;
     fedclip says itself what runs where. Lightning sets the level when it is imported, so
-    this runs after that, when the Fabric is built."""
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    this runs after that, when the Fabric is built. The banner comes through
+    `lightning.pytorch`'s rank-zero logger (which has its own handler and also reaches the
+    root logger: it was printed twice)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) -> Fabric:
