@@ -153,7 +153,7 @@ def export_prompts(
     Returns the path written. Raises UsageError (bad folder, client ids or --out, or nothing
     to export) or CheckpointError (missing, corrupt, foreign or mismatching checkpoint).
     """
-    from fedclip.federation import config_fingerprint
+    from fedclip.federation.settings import config_fingerprint
 
     run_dir = Path(run_dir)
     cfg, plain, saved = _read_run(run_dir)
