@@ -64,8 +64,9 @@ def check_history(history: Any, rounds: int) -> None:
         if row["round"] != 0:
             done.append(row["round"])
     if done != list(range(1, len(done) + 1)) or len(done) != rounds:
+        shown = [int(r) if float(r).is_integer() else r for r in done]
         raise ValueError(
-            f"history holds rounds {done}, but the checkpoint says {rounds} rounds are done"
+            f"history holds rounds {shown}, but the checkpoint says {rounds} rounds are done"
         )
 
 
