@@ -19,6 +19,7 @@ from fedclip.backbone import FrozenCLIP
 from fedclip.batch import Batch
 from fedclip.learners.base import OptimConfig, PromptLearner, continue_schedule
 from fedclip.metrics import client_metric
+from fedclip.statecheck import check_optimizer_state, like
 from fedclip.strategies.base import Payload
 
 
@@ -161,9 +162,17 @@ class ClientModule(L.LightningModule):
         self.learner.load_state_dict(state["learner"])
         if state["optimizers"]:
             pairs = self.configure_optimizers()
-            for (opt, sched), o_sd, s_sd in zip(
-                pairs, state["optimizers"], state["schedulers"], strict=True
+            key = f"clients[{self.client_id}]"
+            if len(state["optimizers"]) != len(pairs):
+                raise ValueError(
+                    f"{key}.optimizers has {len(state['optimizers'])} entries, the learner "
+                    f"has {len(pairs)} optimizers"
+                )
+            for i, ((opt, sched), o_sd, s_sd) in enumerate(
+                zip(pairs, state["optimizers"], state["schedulers"], strict=True)
             ):
+                check_optimizer_state(opt, o_sd, f"{key}.optimizers[{i}]")
+                like(sched.state_dict(), s_sd, f"{key}.schedulers[{i}]")
                 opt.load_state_dict(o_sd)
                 sched.load_state_dict(s_sd)
                 # federation.rounds may change on resume: a run cosine is stretched to it

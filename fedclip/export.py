@@ -163,6 +163,9 @@ def export_prompts(
         raise CheckpointError(
             f"{ckpt_path} was written by a different configuration than {run_dir / 'config.yaml'}"
         )
+    from fedclip.federation.checks import check_saved_run
+
+    check_saved_run(state, ckpt_path, cfg.data.num_clients)
     client_states = state["clients"]
     ids = _parse_clients(clients, len(client_states))
 

@@ -9,6 +9,7 @@ import torch
 
 from fedclip.checkpoint import FORMAT, VERSION
 from fedclip.errors import CheckpointError
+from fedclip.federation.checks import check_loop_state
 from fedclip.federation.records import RoundRecord
 
 
@@ -33,19 +34,25 @@ def loop_state(loop) -> dict[str, Any]:
 
 def load_loop_state(loop, state: dict[str, Any], path: str | Path) -> None:
     """Restore `loop` from `loop_state`'s output read from `path`."""
-    if state["fingerprint"] != loop.fingerprint:
+    if state.get("fingerprint") != loop.fingerprint:
         raise CheckpointError(
             f"{path} was written by a different configuration (fingerprint "
             f"{state['fingerprint']} != {loop.fingerprint}); resume with the run's own "
             "config.yaml"
         )
-    if len(state["clients"]) != loop.info.num_clients:
-        raise CheckpointError(
-            f"{path} holds {len(state['clients'])} clients, config has {loop.info.num_clients}"
-        )
+    check_loop_state(loop, state, path)  # everything, before any of it is loaded
+    try:
+        loop.sampler.set_state(state["sampler"])
+        rng = torch.get_rng_state()
+        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(rng)
+    except RuntimeError as e:  # a byte tensor of the right size that no generator can take
+        raise CheckpointError(f"{path}: sampler or torch_rng is not a generator state: {e}") from e
     loop.strategy.load_state_dict(state["strategy"])
-    loop.executor.load_client_states(state["clients"])
-    loop.sampler.set_state(state["sampler"])
+    try:
+        loop.executor.load_client_states(state["clients"])
+    except ValueError as e:  # an optimizer or scheduler state that does not fit (one line)
+        raise CheckpointError(f"{path}: {e}") from None
     torch.set_rng_state(state["torch_rng"])
     loop.history = list(state["history"])
     loop.round = int(state["round"])

@@ -438,6 +438,12 @@ class PromptLearner(nn.Module):
         """Names of the trainable parameters that never leave the client (default: none)."""
         return []
 
+    def expected_extra_state(self, reference: dict[str, Any], saved: Any) -> Any:
+        """What a checkpoint's `_extra_state` (`saved`) must look like, given a fresh
+        learner's state dict `reference` (checkpoint validation): by default the fresh
+        extra state itself; a learner whose extra state grows overrides this."""
+        return reference["_extra_state"]
+
     def upload_schema(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every tensor this learner may ever upload (all its
         parameters: a learner may switch which of them it shares)."""

@@ -310,6 +310,19 @@ class MixtureOfPrompts(TextualPrompt):
             state[f"expert_{key}"] = held.detach().cpu()
         return state
 
+    def expected_extra_state(self, reference: dict[str, Any], saved: Any) -> Any:
+        """E held experts: `expert_ids` (E,) and each `expert_<key>` (E, *shape of key), or
+        (0,) while none are held; E from the saved ids."""
+        ids = saved.get("expert_ids") if isinstance(saved, dict) else None
+        e = int(ids.shape[0]) if isinstance(ids, Tensor) and ids.dim() == 1 else 0
+        expected: dict[str, Any] = {"expert_ids": torch.empty(e, dtype=torch.int64)}
+        for key in reference["_extra_state"]:
+            if key.startswith("expert_") and key != "expert_ids":
+                own = reference[key.removeprefix("expert_")]
+                shape = (e, *own.shape) if e else (0,)
+                expected[key] = torch.empty(shape, dtype=own.dtype)
+        return expected
+
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
         ids = [int(i) for i in state["expert_ids"]]
         self._set_experts({k: state[f"expert_{k}"] for k in self.shared_keys()}, ids)

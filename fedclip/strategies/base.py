@@ -147,5 +147,24 @@ class Strategy(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         return {"global_state": self.global_state}
 
+    def check_state(self, state: Any) -> None:
+        """Raise ValueError naming the key when `state` (a checkpoint's) cannot be this
+        strategy's `state_dict()`: the same keys; a global state that is None when this
+        one's is, else the initial tensors and any others of the schema, each of its shape
+        and dtype and finite. Subclasses with more state extend it."""
+        from fedclip.statecheck import ANY, like
+
+        like({k: ANY for k in self.state_dict()}, state, "strategy")
+        glob = state["global_state"]
+        if self.global_state is None or glob is None:
+            if glob is not self.global_state:
+                raise ValueError(f"strategy.global_state is {type(glob).__name__}, expected "
+                                 f"{type(self.global_state).__name__}")  # fmt: skip
+            return
+        try:
+            self.validate_upload(glob, list(self.global_state))
+        except UploadError as e:
+            raise ValueError(f"strategy.global_state: {e}") from None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_state = state["global_state"]

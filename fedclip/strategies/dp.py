@@ -92,6 +92,9 @@ class CentralDP(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
+    def check_state(self, state: Any) -> None:
+        self.inner.check_state(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedclip.errors import ConfigError
+from fedclip.errors import ConfigError, UploadError
 from fedclip.strategies.base import ClientResult, Payload
 from fedclip.strategies.fedavg import FedAvg
 
@@ -129,6 +129,20 @@ class PFedMoAP(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pool": self.pool}
+
+    def check_state(self, state: Any) -> None:
+        """The base rules, and a pool of {client id: an upload of that client}."""
+        super().check_state(state)
+        pool = state["pool"]
+        if not isinstance(pool, dict):
+            raise ValueError(f"strategy.pool is a {type(pool).__name__}, expected a dict")
+        for k, upload in pool.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_clients:
+                raise ValueError(f"strategy.pool has the key {k!r}, expected a client id")
+            try:
+                self.validate_upload(upload)
+            except UploadError as e:
+                raise ValueError(f"strategy.pool.{k}: {e}") from None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
