@@ -10,6 +10,7 @@ import torch
 from fedclip.checkpoint import FORMAT, VERSION
 from fedclip.errors import CheckpointError
 from fedclip.federation.records import RoundRecord
+from fedclip.federation.summary import last_evaluation
 
 
 def loop_state(loop) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def load_loop_state(loop, state: dict[str, Any], path: str | Path) -> None:
     loop.sampler.set_state(state["sampler"])
     torch.set_rng_state(state["torch_rng"])
     loop.history = list(state["history"])
+    loop.last_eval = last_evaluation(loop.history, loop.metric)  # the summary's client rows
     loop.round = int(state["round"])
     loop.failures = list(state["failures"])
     partial = state["partial"]
