@@ -34,12 +34,53 @@ def _shareable(fd: int) -> None:
     os.fchmod(fd, file_mode())
 
 
+def _temp_name(path: Path, whole: bool) -> dict[str, str]:
+    """mkstemp's prefix and suffix of the temporary file that becomes `path`: save_atomic's
+    `.NAME.XXXXXXXX.tmp` (whole), atomic_path's `.STEM.XXXXXXXX.SUFFIX` (which keeps the
+    suffix, that writers such as savefig read)."""
+    if whole:
+        return {"prefix": f".{path.name}.", "suffix": ".tmp"}
+    return {"prefix": f".{path.stem}.", "suffix": path.suffix}
+
+
+# the 8 characters tempfile draws between mkstemp's prefix and suffix
+_RANDOM = "[a-z0-9_]{8}"
+
+
+def stale_temps(folder: Path, names: list[str]) -> list[Path]:
+    """The temporary files in `folder` that save_atomic or atomic_path left behind for the
+    files `names` (a process killed while writing one of them leaves its temporary file):
+    only names of exactly that form (`_temp_name`), nothing else in the folder."""
+    patterns = []
+    for name in names:
+        for whole in (True, False):
+            parts = _temp_name(Path(name), whole)
+            patterns.append(re.escape(parts["prefix"]) + _RANDOM + re.escape(parts["suffix"]))
+    match = re.compile("|".join(f"(?:{p})" for p in patterns)).fullmatch
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if match(p.name) and p.is_file())
+
+
+def remove_stale_temps(folder: Path, names: list[str]) -> list[Path]:
+    """Remove `stale_temps(folder, names)`; returns what was removed. Call it only where no
+    other process writes these files (a run's own folder, as its run starts)."""
+    removed = []
+    for path in stale_temps(folder, names):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash at any moment leaves either the old or the new file, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temp_name(path, whole=True), dir=path.parent)
     _shareable(fd)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -63,7 +104,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     succeeds, removed when it fails (the old file, if any, stays as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temp_name(path, whole=False), dir=path.parent)
     _shareable(fd)
     os.close(fd)
     try:

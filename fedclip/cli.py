@@ -10,8 +10,9 @@ imports no torch at its top: each command imports what it needs when it runs.
 Exit codes: 0 done; 2 bad input (a `FedclipError`, or a flag or value the parser refuses),
 printed as one line `fedclip CMD: error: ...` that names the problem, with nothing already
 written touched; 1 a bug (any other exception, traceback kept) or a federation that cannot
-go on; 128 + N stopped by signal N after a checkpoint. FEDCLIP_DEBUG=1 re-raises bad input
-with its traceback too. Nothing in the package imports this module.
+go on; 128 + N stopped by signal N after a checkpoint; 130 Ctrl-C (one line, no traceback;
+how a fit ends: `fedclip.fit_command`). FEDCLIP_DEBUG=1 re-raises bad input with its
+traceback too. Nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -131,9 +131,6 @@ def user_error(error: BaseException) -> BaseException | None:
 
 
 def cmd_fit(argv: list[str]) -> int:
-    import yaml
-
-    from fedclip.checkpoint import write_text_atomic
     from fedclip.config import (
         build_fit_config,
         check_config_files,
@@ -142,9 +139,10 @@ def cmd_fit(argv: list[str]) -> int:
         default_run_name,
         fit_parser,
     )
-    from fedclip.federation import Federation, FederationError
-    from fedclip.report import print_table, write_results
-    from fedclip.sweeps import configure_sweep_run, continue_sweep_run, requeue_if_preempted
+    from fedclip.federation import Federation
+    from fedclip.fit_command import run_fit
+    from fedclip.report import start_run_folder
+    from fedclip.sweeps import configure_sweep_run, continue_sweep_run
 
     check_config_files(argv)
     parser = fit_parser()
@@ -175,61 +173,13 @@ def cmd_fit(argv: list[str]) -> int:
     fed = Federation(cfg, run_dir, plain, show_progress=ns.progress)
     if ns.resume:
         fed.load(ckpt)  # a corrupt or foreign checkpoint stops here, before anything is written
-    main_rank = fed.rank == 0  # with several ranks, rank 0 alone writes and reports
-    if main_rank:
+    if fed.rank == 0:  # with several ranks, rank 0 alone writes and reports
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create the run folder {run_dir}: {e.strerror}") from e
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
-        from fedclip.report import write_partition
-
-        write_partition(fed.data.summary(), run_dir)
-    resume_hint = f"fedclip fit --config {run_dir / 'config.yaml'} --resume true"
-    try:
-        fed.fit(resume=ns.resume)
-    except KeyboardInterrupt:
-        fed.close(130)
-        if main_rank:
-            print(
-                f"aborted; the last checkpoint is {ckpt} (continue: {resume_hint})",
-                file=sys.stderr,
-            )
-        return 130
-    except FederationError as e:
-        fed.close(1)
-        client_tb = getattr(e, "client_traceback", None)
-        if main_rank and client_tb:  # the last failing client's traceback (every one: run.log)
-            print(client_tb.rstrip("\n"), file=sys.stderr)
-        if main_rank:
-            print(
-                f"fedclip fit: stopped: {one_line(str(e))}; the round so far is in {ckpt} "
-                f"(continue: {resume_hint}, e.g. with a higher federation.max_client_failures)",
-                file=sys.stderr,
-            )
-        return 1
-    except Exception:
-        fed.close(1)  # the loggers' runs end marked failed; the traceback goes on to main
-        raise
-    code = 128 + fed.stopped_by if fed.stopped_by is not None else 0
-    if not main_rank:
-        fed.close(code)
-        return code
-    write_results(fed, run_dir)
-    if fed.stopped_by is not None:
-        name = signal.Signals(fed.stopped_by).name
-        print(
-            f"stopped by {name} after a checkpoint: {ckpt} (continue: {resume_hint})",
-            file=sys.stderr,
-        )
-        if requeue_if_preempted(fed.stopped_by):  # while the W&B run is still open
-            print("W&B sweep: run marked preempting; the sweep requeues it", file=sys.stderr)
-        fed.close(code)
-        return code
-    fed.close(0)
-    print_table(fed, f"{run_name}: round {fed.round}")
-    print(f"run folder: {run_dir}")
-    return 0
+        start_run_folder(run_dir, plain, fed.data.summary())  # stale temp files go first
+    return run_fit(fed, run_dir, run_name, ns.resume)
 
 
 def cmd_evaluate(argv: list[str]) -> int:
@@ -282,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C outside a fit's rounds (start-up, loading, writing)
+        print(
+            f"fedclip {argv[0]}: interrupted (files are replaced whole: none is half-written)",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
         user = user_error(e)
         if user is None or os.environ.get("FEDCLIP_DEBUG"):

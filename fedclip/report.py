@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fedclip.checkpoint import atomic_path, write_text_atomic
+from fedclip.checkpoint import atomic_path, remove_stale_temps, write_text_atomic
 
 
 def _pyplot():
@@ -268,8 +268,28 @@ def print_table(fed: Any, title: str) -> None:
     Console().print(table)
 
 
+# the files a fit writes atomically in its run folder, and in its checkpoints/ folder
+RUN_FILES = ["config.yaml", "partition.json", "partition.png", "summary.json", "curves.png"]
+RUN_FILES.append("wandb_id")  # fedclip.tracking.ID_FILE
+CHECKPOINT_FILES = ["last.ckpt"]
+
+
+def start_run_folder(run_dir: Path, plain: dict[str, Any], data_summary: dict[str, Any]) -> None:
+    """What a fit (or the Flower server's run) writes as it starts or resumes: first it
+    removes the temporary files that a kill in the middle of writing one of its files left
+    (only those of RUN_FILES and CHECKPOINT_FILES, see `fedclip.checkpoint.stale_temps`),
+    then config.yaml (`plain`) and the partition (`data_summary`)."""
+    import yaml
+
+    remove_stale_temps(run_dir, RUN_FILES)
+    remove_stale_temps(run_dir / "checkpoints", CHECKPOINT_FILES)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
+    write_partition(data_summary, run_dir)
+
+
 def write_results(fed: Any, run_dir: Path) -> None:
-    """summary.json and curves.png of a finished (or stopped) run, each replaced atomically."""
+    """summary.json and curves.png of a finished (or stopped: the summary's `stopped`) run,
+    each replaced atomically (an interrupt leaves the old file or none, never part of one)."""
     write_text_atomic(run_dir / "summary.json", json.dumps(fed.summary(), indent=2, default=float))
     with atomic_path(run_dir / "curves.png") as tmp:
         plot_curves(fed.history, tmp)

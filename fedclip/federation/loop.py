@@ -11,6 +11,7 @@ got and finished on resume, to the same final state as an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from fedclip.checkpoint import load_checkpoint, save_atomic
-from fedclip.errors import FederationError
+from fedclip.errors import FederationError, one_line
 from fedclip.federation.executors import Executor
 from fedclip.federation.records import ClientOutcome, RoundRecord
 from fedclip.federation.runtime import Stopped
@@ -54,6 +55,18 @@ def make_loggers(run_dir: Path, cfg, config: dict[str, Any] | None = None) -> li
 
         loggers.append(WandbTracker(run_dir, cfg.logger, config))
     return loggers
+
+
+def stopped(rnd: int, partial: bool, exit_code: int, error: str | None = None) -> dict:
+    """summary.json's `stopped` of a run that stopped before its last round: the round
+    (1-based) it stopped in (partial: part-done, checkpointed as far as it got) or after,
+    the exit code (128 + N: signal N; 1: too many failing clients) and the reason."""
+    record: dict[str, Any] = {"round": rnd, "partial": partial, "exit_code": exit_code}
+    if exit_code > 128:
+        record.update(reason="signal", signal=signal.Signals(exit_code - 128).name)
+    else:
+        record.update(reason="client failures", error=one_line(error or ""))
+    return record
 
 
 class RoundLoop:
@@ -93,6 +106,7 @@ class RoundLoop:
         self.failures: list[dict[str, Any]] = []  # {"round", "client", "reason"} of each
         self.partial: RoundRecord | None = None  # the round in progress (checkpointed on stop)
         self.stopped_by: int | None = None  # the signal that stopped the last fit(), if any
+        self.stop_record: dict[str, Any] | None = None  # why the last fit() stopped early
         self.loaded = False  # state loaded from a checkpoint
         self.wall_s = 0.0  # seconds spent in fit() calls that have returned (checkpointed)
         self._started: float | None = None  # when the fit() in progress started
@@ -208,7 +222,7 @@ class RoundLoop:
         FederationError after the same checkpoint.
         """
         fed = self.cfg.federation
-        self.stopped_by = None
+        self.stopped_by = self.stop_record = None
         if resume and not self.loaded:
             self.load(self.checkpoint_path)
         self.start_loggers()
@@ -233,11 +247,14 @@ class RoundLoop:
                 for rnd in range(self.round, last):
                     try:
                         metrics = self.run_round(rnd, progress)
-                    except (Stopped, FederationError):
+                    except (Stopped, FederationError) as e:
                         self.save_if_run_dir()  # the round so far: resume goes on from here
                         self.stopped_by = stop.requested
                         if stop.requested is None:
+                            if isinstance(e, FederationError):
+                                self.stop_record = stopped(rnd + 1, True, 1, error=str(e))
                             raise
+                        self.stop_record = stopped(rnd + 1, True, 128 + stop.requested)
                         break
                     self.round = rnd + 1
                     self.history.append(metrics)
@@ -247,6 +264,7 @@ class RoundLoop:
                     self.save_if_run_dir()
                     self.stopped_by = self.executor.agreed_stop(stop.requested)
                     if self.stopped_by is not None:
+                        self.stop_record = stopped(self.round, False, 128 + self.stopped_by)
                         break
             finally:
                 self._stop = None
@@ -325,6 +343,7 @@ class RoundLoop:
         (versions, git commit, wall time, device), the part that differs between runs."""
         from fedclip.provenance import run_info
 
+        partial = self.partial.failures if self.partial is not None else []
         summary = run_summary(
             self.cfg,
             self.info.data_summary,
@@ -332,10 +351,11 @@ class RoundLoop:
             self.last_eval,
             self.executor.reports(),
             self.round,
-            self.failures,
+            self.failures + partial,  # a stopped run's too: those of the round it stopped in
             self.privacy,
             self.metric,
             self.cfg.learner.initial_state(),
         )
+        summary["stopped"] = self.stop_record
         summary["run"] = run_info(self.cfg, self.executor.device(), self.elapsed_s())
         return summary

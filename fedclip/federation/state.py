@@ -11,6 +11,7 @@ from fedclip.checkpoint import FORMAT, VERSION
 from fedclip.errors import CheckpointError
 from fedclip.federation.checks import check_loop_state
 from fedclip.federation.records import RoundRecord
+from fedclip.federation.summary import last_evaluation
 
 
 def loop_state(loop) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def load_loop_state(loop, state: dict[str, Any], path: str | Path) -> None:
         raise CheckpointError(f"{path}: {e}") from None
     torch.set_rng_state(state["torch_rng"])
     loop.history = list(state["history"])
+    loop.last_eval = last_evaluation(loop.history, loop.metric)  # the summary's client rows
     loop.round = int(state["round"])
     loop.failures = list(state["failures"])
     partial = state["partial"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -32,6 +33,21 @@ def eval_metrics(
     metrics = {f"eval/acc_{name}": v for name, v in s.items()}
     metrics.update({f"client/{k}/acc": v for k, v in result.items()})
     return metrics
+
+
+def last_evaluation(history: list[dict[str, float]], metric: str) -> dict[int, float]:
+    """Each client's headline metric (`client/K/<metric>`: 'acc', the local accuracy under
+    base-to-novel too, or 'map') in the last evaluated row of `history`, as
+    `RoundLoop.evaluation_metrics` kept it when it evaluated that row: what a loop restored
+    from a checkpoint reports. An evaluated row is one with `eval/<metric>_mean`."""
+    pattern = re.compile(rf"^client/(\d+)/{re.escape(metric)}$")
+    for row in reversed(history):
+        if f"eval/{metric}_mean" not in row:
+            continue
+        found = {int(m.group(1)): v for key, v in row.items() if (m := pattern.match(key))}
+        if found:
+            return found
+    return {}
 
 
 def run_summary(

@@ -25,9 +25,6 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fedclip.checkpoint import write_text_atomic
 from fedclip.config import (
     FitConfig,
     build_fit_config,
@@ -46,7 +43,7 @@ from fedclip.flower.executor import (  # noqa: F401 (the server's public names)
     flower_reason,
     map_clients,
 )
-from fedclip.report import print_table, write_partition, write_results
+from fedclip.report import print_table, start_run_folder, write_results
 
 
 @dataclass
@@ -222,11 +219,12 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "fedclip: %s", one_line(str(e)))
         raise SystemExit(2) from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
-    write_partition(fed.data_summary(), run_dir)
+    start_run_folder(run_dir, plain, fed.data_summary())  # stale temp files of a kill go first
+    done_before = options.resume and fed.partial is None and fed.round >= cfg.federation.rounds
     try:
         fed.fit(resume=options.resume)
     except FederationError as e:
+        write_results(fed, run_dir)  # summary.json's `stopped` says why, with the failures
         fed.close(1)
         log(ERROR, "fedclip: stopped: %s; the round so far is in %s", one_line(str(e)), run_dir)
         raise SystemExit(1) from None
@@ -244,6 +242,8 @@ def main(grid: Grid, context: Context) -> None:
         )
         return
     fed.close(0)
+    if done_before:
+        log(INFO, "fedclip: %s had finished: nothing trained, results rewritten", run_dir)
     if show_progress:
         print_table(fed, f"{plain['run_name']}: round {fed.round}")
     log(INFO, "fedclip: run folder %s", run_dir)
