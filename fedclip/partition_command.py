@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fedclip.config import DEFAULTS, FitConfig, check_config_files
+from fedclip.config import DEFAULTS, FitConfig, check_config_files, plain_config
 from fedclip.data.federated import DataConfig
 from fedclip.errors import UsageError
 from fedclip.parsing import command_parser, parse_args
@@ -98,6 +98,7 @@ def cmd_partition(argv: list[str]) -> int:
     check_config_files(argv)
     parser = partition_parser()
     ns = parse_args(parser, without_ignored_sections(argv))
+    plain_config(parser, ns)  # NaN, inf and out-of-range integers, by dotted key
     init = (
         parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     )
