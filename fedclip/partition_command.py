@@ -110,7 +110,8 @@ def cmd_partition(argv: list[str]) -> int:
     try:
         written = write_partition(summary, out.parent, out.name)
     except OSError as e:  # e.g. --out under a file, or a folder the user cannot write
-        raise UsageError(f"cannot write {out}.json/.png: {e.strerror or e}") from e
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != out.parent else ""
+        raise UsageError(f"--out {out}: cannot write it{where}: {e.strerror or e}") from e
     for path in written:
         print(f"wrote {path}")
     return 0
