@@ -494,10 +494,12 @@ def _float_args(cls) -> list[str]:
 
 
 def _plugins():
+    import fedclip.data as data
     import fedclip.data.partition as partition
     import fedclip.learners as learners
     import fedclip.strategies as strategies
     from fedclip.data.partition.base import Partitioner
+    from fedclip.data.source import DatasetSource
     from fedclip.learners.base import PromptLearner
     from fedclip.strategies.base import Strategy
 
@@ -505,6 +507,7 @@ def _plugins():
         ("learner", learners, PromptLearner),
         ("strategy", strategies, Strategy),
         ("data.partitioner", partition, Partitioner),
+        ("data.dataset", data, DatasetSource),
     ):
         for name in dir(module):
             cls = getattr(module, name)
