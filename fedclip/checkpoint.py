@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -75,44 +76,73 @@ def remove_stale_temps(folder: Path, names: list[str]) -> list[Path]:
     return removed
 
 
+def _as_target(error: OSError, path: Path) -> OSError:
+    """The same error, naming `path` (the file asked for) instead of its temporary file."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+@contextmanager
+def _new_folders(folder: Path) -> Iterator[None]:
+    """mkdir -p `folder`; the folders it created are removed again when the block fails."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(folder)) from e
+        yield
+    except BaseException:
+        for p in missing:  # deepest first; a folder something else filled meanwhile stays
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | Path, whole: bool = False) -> Iterator[Path]:
+    """A temporary path next to `path` to write to; renamed over `path` when the block
+    succeeds, removed when it fails (the old file, if any, stays as it was; folders made
+    for it are removed). An OSError of the file system names `path` (or the folder that
+    could not be made), never the temporary file. whole: the temporary file is named
+    `.NAME.XXXXXXXX.tmp` (save_atomic's), else `.STEM.XXXXXXXX.SUFFIX` (`_temp_name`)."""
+    path = Path(path)
+    with _new_folders(path.parent):
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        try:
+            fd, tmp = tempfile.mkstemp(**_temp_name(path, whole), dir=path.parent)
+        except OSError as e:
+            raise _as_target(e, path) from e
+        try:
+            _shareable(fd)
+            os.close(fd)
+            yield Path(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            if e.filename not in {tmp, None}:
+                raise
+            raise _as_target(e, path) from e
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
     a crash at any moment leaves either the old or the new file, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(**_temp_name(path, whole=True), dir=path.parent)
-    _shareable(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, whole=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to `path` to write to; renamed over `path` when the block
-    succeeds, removed when it fails (the old file, if any, stays as it was)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(**_temp_name(path, whole=False), dir=path.parent)
-    _shareable(fd)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -19,11 +19,12 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fedclip.backbone import BackboneConfig
+from fedclip.config_checks import check_layout, check_numbers
 from fedclip.data.federated import DataConfig
-from fedclip.errors import UsageError
+from fedclip.errors import ConfigError, UsageError
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
-from fedclip.parsing import command_parser
+from fedclip.parsing import command_parser, parse_args
 from fedclip.privacy import PrivacyConfig
 from fedclip.strategies.base import Strategy
 from fedclip.strategies.fedavg import FedAvg
@@ -172,8 +173,9 @@ def add_run_arguments(parser: ArgumentParser) -> None:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Every --config file must exist and be valid YAML; a UsageError says which file and
-    where if not (before jsonargparse, whose own messages do not name the line)."""
+    """Every --config file must exist, be UTF-8 YAML and hold a mapping of settings whose
+    sections are mappings; a UsageError says which file and where if not (before
+    jsonargparse, whose own messages name neither the file nor the line)."""
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
@@ -184,23 +186,42 @@ def check_config_files(argv: list[str]) -> None:
         if not Path(path).is_file():
             raise UsageError(f"config file not found: {path}")
         try:
-            yaml.safe_load(Path(path).read_text())
+            text = Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"{path}: not a YAML text file (byte {e.object[e.start]:#04x} at offset "
+                f"{e.start} is not UTF-8)"
+            ) from None
+        except OSError as e:
+            raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise UsageError(f"{path}: not valid YAML: {problem}{where}") from e
+        check_layout(path, loaded, FitConfig)
+
+
+def plain_config(parser: ArgumentParser, ns: Namespace) -> dict[str, Any]:
+    """The parsed namespace as plain data (without the command's own flags), after
+    `check_numbers`: a NaN, an inf or an integer numpy or torch cannot take is a
+    ConfigError naming its dotted key, before any class is built."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jsonargparse's notices about its own API
+        plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
+    for key in ("config", "resume", "progress", "print_config", "out"):
+        plain.pop(key, None)
+    check_numbers(plain)
+    return plain
 
 
 def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, dict[str, Any]]:
     """Instantiate the parsed namespace into a FitConfig plus its plain-data dump (what
     config.yaml holds). A class whose arguments no run can use raises its ConfigError here,
     possibly wrapped by jsonargparse (see fedclip.cli.main)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jsonargparse's notices about its own API
-        plain = yaml.safe_load(parser.dump(ns, skip_none=False, skip_validation=True))
-    for key in ("config", "resume", "progress", "print_config", "out"):
-        plain.pop(key, None)
+    plain = plain_config(parser, ns)
     init = (
         parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     )
@@ -216,7 +237,11 @@ def read_run_config(run_dir: Path) -> tuple[FitConfig, dict[str, Any]]:
         raise UsageError(f"{run_dir} is not a fedclip run folder (no config.yaml)")
     check_config_files(["--config", str(cfg_path)])
     parser = fit_parser()
-    return build_fit_config(parser, parser.parse_args(["--config", str(cfg_path)]))
+    ns = parse_args(parser, ["--config", str(cfg_path)])
+    try:
+        return build_fit_config(parser, ns)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from e
 
 
 # ---- run folders -----------------------------------------------------------------------------
@@ -260,7 +285,7 @@ def check_resume(run_dir: Path, plain: dict[str, Any]) -> None:
     changed = [
         d
         for k in sorted(set(given) | set(saved))
-        if k not in {"federation", "logger"}
+        if k != "logger"  # every logger key may change (RESUMABLE_KEYS: where, not what)
         for d in config_differences(saved.get(k), given.get(k), k)
     ]
     if changed:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fedclip.config import DEFAULTS, FitConfig, check_config_files
+from fedclip.config import DEFAULTS, FitConfig, check_config_files, plain_config
 from fedclip.data.federated import DataConfig
 from fedclip.errors import UsageError
 from fedclip.parsing import command_parser, parse_args
@@ -98,6 +98,7 @@ def cmd_partition(argv: list[str]) -> int:
     check_config_files(argv)
     parser = partition_parser()
     ns = parse_args(parser, without_ignored_sections(argv))
+    plain_config(parser, ns)  # NaN, inf and out-of-range integers, by dotted key
     init = (
         parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     )
@@ -109,7 +110,8 @@ def cmd_partition(argv: list[str]) -> int:
     try:
         written = write_partition(summary, out.parent, out.name)
     except OSError as e:  # e.g. --out under a file, or a folder the user cannot write
-        raise UsageError(f"cannot write {out}.json/.png: {e.strerror or e}") from e
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != out.parent else ""
+        raise UsageError(f"--out {out}: cannot write it{where}: {e.strerror or e}") from e
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -208,12 +208,12 @@ def partition_table(summary: dict[str, Any], title: str):
 
 
 def write_partition(summary: dict[str, Any], folder: Path, stem: str = "partition") -> list[Path]:
-    """`stem`.json (the summary) and `stem`.png (the heatmap) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """`stem`.json (the summary) and `stem`.png (the heatmap) in `folder` (made if need be),
+    both or neither: when one cannot be written, nothing is left behind."""
     js, png = folder / f"{stem}.json", folder / f"{stem}.png"
-    write_text_atomic(js, json.dumps(summary, indent=1))
-    with atomic_path(png) as tmp:
-        plot_partition(summary, tmp)
+    with atomic_path(js) as tmp_js, atomic_path(png) as tmp_png:
+        tmp_js.write_text(json.dumps(summary, indent=1))
+        plot_partition(summary, tmp_png)
     return [js, png]
 
 

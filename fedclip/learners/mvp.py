@@ -34,6 +34,7 @@ from fedclip.data.attributes import (
 )
 from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, PromptLearner
+from fedclip.templates import check_template, check_templates
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +199,13 @@ class FedMVP(PromptLearner):
         negative_template: str = "a photo without a {classname}.",
     ) -> None:
         super().__init__()
-        if "{classname}" not in template or "{attribute}" not in template:
-            raise ConfigError("FedMVP: template needs both {classname} and {attribute}")
-        fallback = list(fallback_templates or FALLBACK_TEMPLATES)
-        if not all("{classname}" in t for t in fallback):
-            raise ConfigError("FedMVP: every fallback template needs a {classname}")
+        names = ("classname", "attribute")
+        check_template("FedMVP", "template", template, names, required=names)
+        fallback = list(FALLBACK_TEMPLATES if fallback_templates is None else fallback_templates)
+        check_templates("FedMVP", "fallback_templates", fallback, ["classname"], ["classname"])
+        check_template(
+            "FedMVP", "negative_template", negative_template, ["classname"], ["classname"]
+        )
         for name, value in (
             ("num_prompts", num_prompts),
             ("heads", heads),

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from fedclip.backbone import FrozenCLIP
 from fedclip.errors import BackboneError, ConfigError
 from fedclip.learners.base import PromptLearner
+from fedclip.templates import POSITIONAL, check_templates
 
 PLACEHOLDER = "X"
 
@@ -251,10 +252,12 @@ class ZeroShot(PromptLearner):
         self, templates: list[str] | None = None, negative_templates: list[str] | None = None
     ) -> None:
         super().__init__()
-        self.templates = list(templates or ["a photo of a {}."])
-        self.negative_templates = list(negative_templates or ["a photo without a {}."])
-        if not all("{}" in t for t in self.templates + self.negative_templates):
-            raise ConfigError("ZeroShot: every template needs a '{}' for the class name")
+        self.templates = list(["a photo of a {}."] if templates is None else templates)
+        self.negative_templates = list(
+            ["a photo without a {}."] if negative_templates is None else negative_templates
+        )
+        for arg in ("templates", "negative_templates"):
+            check_templates("ZeroShot", arg, getattr(self, arg), [POSITIONAL], [POSITIONAL])
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
