@@ -11,6 +11,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
 from fedclip.backbone import load_backbone
+from fedclip.backbone.config import cache_bytes_per_image
 from fedclip.client import ClientModule
 from fedclip.data.federated import FederatedData
 from fedclip.errors import DeviceError, one_line
@@ -66,7 +67,12 @@ def prepare_data(cfg, data: FederatedData | None = None) -> FederatedData:
     check_config(cfg)
     seed_everything(cfg.seed, verbose=False)
     if data is None:
-        data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+        # data errors before the model loads; a data set whose frozen-feature cache cannot
+        # fit is refused before a label is listed
+        per_image = (
+            0 if cfg.data.augment else cache_bytes_per_image(cfg.backbone, type(cfg.learner).inputs)
+        )
+        data = FederatedData(cfg.data, cfg.seed, per_image)
     check_task(cfg.learner, data.multilabel, data.cfg.base_to_novel)
     return data
 
