@@ -157,8 +157,8 @@ def check_machine(fabric, devices: int | None = None, num_nodes: int | None = No
 def fall_back_to_cpu(cfg, command: str) -> None:
     """For the commands that read a finished run (evaluate, predict): a run trained on an
     accelerator this machine lacks is read on the cpu, with one warning line (its float16
-    mixed precision becomes 32-true there). Nothing computed is saved, so the run's identity
-    is untouched."""
+    mixed precision becomes 32-true there). Only this process's copy of the config changes:
+    the run's config.yaml and checkpoint, and so its identity, stay as they are."""
     check_fabric(cfg.fabric)
     try:
         accelerator = resolved_accelerator(cfg.fabric.accelerator)
