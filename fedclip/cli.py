@@ -188,6 +188,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from fedclip.checkpoint import write_text_atomic
     from fedclip.config import read_run_config
     from fedclip.federation import Federation
+    from fedclip.federation.devices import fall_back_to_cpu
     from fedclip.report import print_table
 
     eval_parser = evaluate_parser()
@@ -195,6 +196,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     run_dir = Path(ns.run_dir)
     cfg, plain = read_run_config(run_dir)
     cfg.fabric.devices = cfg.fabric.num_nodes = 1  # evaluation runs in this one process
+    fall_back_to_cpu(cfg, "evaluate")  # a run trained on a GPU this machine lacks
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(ns.checkpoint or run_dir / "checkpoints" / "last.ckpt")
     metrics = fed.evaluation_metrics(fed.round)

@@ -62,10 +62,12 @@ def load_client_learner(run_dir: str | Path, client: int = 0, checkpoint: str | 
     from the checkpoint plus its evaluation payload), in eval mode."""
     from fedclip.config import read_run_config
     from fedclip.federation import Federation
+    from fedclip.federation.devices import fall_back_to_cpu
 
     run_dir = Path(run_dir)
     cfg, plain = read_run_config(run_dir)
     cfg.fabric.devices = cfg.fabric.num_nodes = 1  # this one process
+    fall_back_to_cpu(cfg, "predict")  # a run trained on a GPU this machine lacks
     fed = Federation(cfg, None, plain, show_progress=False)
     fed.load(checkpoint or run_dir / "checkpoints" / "last.ckpt")
     n = fed.info.num_clients

@@ -153,3 +153,25 @@ def open_model(cfg: BackboneConfig, pretrained: str | None) -> tuple[nn.Module, 
             f"could not build {cfg.model} from '{pretrained}': "
             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         ) from e
+
+
+def cache_bytes_per_image(cfg: BackboneConfig, inputs) -> int:
+    """Bytes the frozen-feature cache keeps per image for a learner declaring `inputs`
+    (`fedclip.batch.Input` values), from the model's open_clip config, before the model
+    is built: float32 pooled features (D), float16 dense tokens ((1 + M) x D), both pooled
+    features of the image and its flip; 0 when the config is unknown."""
+    register_model_configs()
+    schema, name = open_clip.factory.parse_model_name(cfg.model)
+    model_cfg = open_clip.get_model_config(name) if schema is None else None  # not a hub's
+    if not model_cfg or "embed_dim" not in model_cfg:
+        return 0
+    dim = int(model_cfg["embed_dim"])
+    names = {getattr(i, "value", i) for i in inputs}
+    total = dim * 4 if "features" in names else 0
+    if "flip_targets" in names:
+        total += 2 * dim * 4
+    vision = model_cfg.get("vision_cfg") or {}
+    side, patch = vision.get("image_size"), vision.get("patch_size")
+    if "tokens" in names and isinstance(side, int) and isinstance(patch, int) and patch > 0:
+        total += (1 + (side // patch) ** 2) * dim * 2
+    return total

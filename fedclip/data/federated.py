@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedclip.batch import Batch, Input
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
+from fedclip.data.memory import check_data_plan
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
 from fedclip.errors import ConfigError
 from fedclip.interrupt import ignore_stop_signals
@@ -86,7 +87,7 @@ class _Flipped(torch.utils.data.Dataset):
 class FederatedData:
     """Client splits of one data set: pure functions of the labels and the seed."""
 
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, seed: int, cache_bytes_per_image: int = 0) -> None:
         if cfg.num_clients < 1:
             raise ConfigError(f"data.num_clients must be >= 1, got {cfg.num_clients}")
         for name in ("batch_size", "eval_batch_size"):
@@ -94,6 +95,9 @@ class FederatedData:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+        # a size no memory can hold fails here, before a label is listed (`fedclip.data.memory`;
+        # cache_bytes_per_image: what the frozen-feature cache keeps per image)
+        check_data_plan(cfg, cache_bytes_per_image)
         self.cfg = cfg
         self.seed = seed
         self.source = cfg.dataset

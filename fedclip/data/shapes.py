@@ -237,6 +237,13 @@ class Shapes(DatasetSource):
         """Classes grouped by shape (all the circles, all the squares, ...)."""
         return [SHAPES.index(shapes_combination(c)[1]) for c in range(self._num_classes)]
 
+    def planned_size(self, split: str) -> tuple[int, str]:
+        arg = "train_per_class" if split == "train" else "test_per_class"
+        return self._num_classes * self._per_class(split), f"{arg}={self._per_class(split)}"
+
+    def planned_pixels(self) -> tuple[int, str]:
+        return self.image_size, f"image_size={self.image_size}"
+
     def labels(self, split: str) -> np.ndarray:
         n = self._num_classes * self._per_class(split)
         return np.arange(n, dtype=np.int64) % self._num_classes

@@ -70,6 +70,18 @@ class DatasetSource(abc.ABC):
         _check_split(split)
         return f"{self.name}/{split}"
 
+    def planned_size(self, split: str) -> tuple[int, str] | None:
+        """(samples of `split`, the init arg that sets it, as 'arg=value') when a data set
+        knows its size before listing a label (one drawn on the fly), so that a size no
+        memory can hold is refused before anything is allocated; None: it is read from
+        disk (the default)."""
+        return None
+
+    def planned_pixels(self) -> tuple[int, str] | None:
+        """(side in pixels of the images it draws, 'arg=value') for a data set that draws
+        them, None (the default) for one that reads files."""
+        return None
+
     def check(self) -> None:
         """Raise `DataError` now if the data is missing, rather than at the first batch."""
         for split in SPLITS:

@@ -11,9 +11,11 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
 from fedclip.backbone import load_backbone
+from fedclip.backbone.config import cache_bytes_per_image
 from fedclip.client import ClientModule
 from fedclip.data.federated import FederatedData
 from fedclip.errors import DeviceError, one_line
+from fedclip.federation.devices import check_machine
 from fedclip.federation.executors import FabricExecutor, LocalExecutor
 from fedclip.federation.loop import RoundLoop, make_loggers
 from fedclip.federation.runtime import ClientRuntime
@@ -49,8 +51,9 @@ def build_fabric(cfg, devices: int | None = None, num_nodes: int | None = None) 
             strategy="ddp" if devices * num_nodes > 1 else "auto",
             precision=cfg.fabric.precision,
         )
-    except (MisconfigurationException, ValueError, RuntimeError) as e:
+    except (MisconfigurationException, ValueError, RuntimeError, ImportError, TypeError) as e:
         # Lightning's refusals of an accelerator, device count or precision it cannot give
+        # (`check_machine` refuses the usual ones first; a missing torch_xla is an ImportError)
         raise DeviceError(
             f"fabric (accelerator {cfg.fabric.accelerator!r}, devices {devices}, precision "
             f"{cfg.fabric.precision!r}): {one_line(str(e))}"
@@ -64,7 +67,12 @@ def prepare_data(cfg, data: FederatedData | None = None) -> FederatedData:
     check_config(cfg)
     seed_everything(cfg.seed, verbose=False)
     if data is None:
-        data = FederatedData(cfg.data, cfg.seed)  # data errors before the model loads
+        # data errors before the model loads; a data set whose frozen-feature cache cannot
+        # fit is refused before a label is listed
+        per_image = (
+            0 if cfg.data.augment else cache_bytes_per_image(cfg.backbone, type(cfg.learner).inputs)
+        )
+        data = FederatedData(cfg.data, cfg.seed, per_image)
     check_task(cfg.learner, data.multilabel, data.cfg.base_to_novel)
     return data
 
@@ -98,7 +106,9 @@ class Federation(RoundLoop):
         show_progress: bool = True,
     ) -> None:
         # data and backbone first, in the launching process: bad input fails here with one
-        # line, and downloads and caches are made once before the other ranks start
+        # line, and downloads and caches are made once before the other ranks start; the
+        # devices first, before any of it (a missing GPU or launcher costs no data build)
+        check_machine(cfg.fabric)
         data = prepare_data(cfg)
         load_backbone(cfg.backbone)
         self.fabric = fabric = build_fabric(cfg)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedclip.client import runtime_terms
 from fedclip.errors import ConfigError
+from fedclip.federation.devices import check_fabric
 from fedclip.privacy import check_strategy
 
 # Keys that may change between a run and its resume: they do not change what is computed.
@@ -50,11 +51,7 @@ def check_config(cfg) -> None:
         raise ConfigError(
             f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
         )
-    if cfg.fabric.devices < 1 or cfg.fabric.num_nodes < 1:
-        raise ConfigError(
-            f"fabric.devices and fabric.num_nodes must be >= 1, got {cfg.fabric.devices} "
-            f"and {cfg.fabric.num_nodes}"
-        )
+    check_fabric(cfg.fabric)
     cfg.strategy.check_learner(cfg.learner)
     check_extras(cfg.strategy, cfg.learner)
     check_strategy(cfg.privacy, cfg.strategy)

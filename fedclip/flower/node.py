@@ -17,6 +17,7 @@ from fedclip.config import FitConfig, build_fit_config, fit_parser
 from fedclip.data.federated import FederatedData
 from fedclip.errors import NodeConfigError
 from fedclip.federation import ClientOutcome, build_fabric, build_runtime, prepare_data
+from fedclip.federation.devices import check_machine
 from fedclip.strategies.base import Payload
 
 CLIENT_ID = "client-id"
@@ -84,6 +85,7 @@ class NodeClient:
             )
         self.cfg = cfg
         self.client_id = client_id
+        check_machine(cfg.fabric, 1, 1)  # this node's own devices, before its data
         data = prepare_data(cfg, data)
         self.runtime = build_runtime(cfg, data, [client_id], build_fabric(cfg, 1, 1))
         self.data = data

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
+from fedclip.data.memory import check_fits
 from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, OptimConfig, optimizer_for
 from fedclip.learners.textual import TextualPrompt
@@ -66,15 +67,20 @@ class PromptGating(nn.Module):
         elif projection == "linear":
             self.stride = 1
             width = d_gating
-            self.proj = nn.Linear(embed_dim, d_gating, bias=False)
+            self.proj = None  # built below, once its size is known to fit
         else:
             raise ConfigError(f"gating projection must be 'stride' or 'linear', got {projection!r}")
+        # q, k, v, out (d x d, with bias) and the projection, before any is allocated
+        params = 4 * (width * width + width) + (embed_dim * width if projection == "linear" else 0)
+        check_fits(f"learner.init_args.d_gating={d_gating}", "the gating network", 4 * params)
         if width % heads:
             raise ConfigError(
                 f"gating width {width} (from feature width {embed_dim}, d_gating {d_gating}, "
                 f"projection {projection}) is not divisible by {heads} heads; change "
                 "gating_heads or d_gating, or use gating_projection: linear"
             )
+        if projection == "linear":
+            self.proj = nn.Linear(embed_dim, d_gating, bias=False)
         self.width = width
         self.heads = heads
         self.scale = float(scale)

@@ -32,6 +32,7 @@ from fedclip.data.attributes import (
     load_attributes,
     resolve_attribute_file,
 )
+from fedclip.data.memory import check_fits
 from fedclip.errors import ConfigError
 from fedclip.learners.base import Batch, PromptLearner
 from fedclip.templates import check_template, check_templates
@@ -118,6 +119,15 @@ class PromptFormer(nn.Module):
                 f"PromptFormer: lora_init must be 'normal' or 'zero', got {lora_init!r}"
             )
         v = vision_width
+        # the sizes that grow with an argument, float32, before any is allocated
+        check_fits(
+            f"learner.init_args.lora_rank={lora_rank}",
+            "the LoRA factors",
+            3 * 2 * v * lora_rank * 4,
+        )
+        check_fits(
+            f"learner.init_args.num_prompts={num_prompts}", "the prompt tokens", num_prompts * v * 4
+        )
         self.heads = heads
         self.num_prompts = num_prompts
         self.proj = nn.Linear(text_dim, v)

@@ -126,6 +126,12 @@ class TextualPrompt(PromptLearner):
         token), and the placeholders are found by their id, so this holds for CLIP's
         tokenizer and SigLIP's alike."""
         names = [c.replace("_", " ") for c in classnames]
+        length = clip.tokenize(["x"]).shape[1]
+        if n_ctx + clip.layout.offset >= length - 1:  # before tokenizing n_ctx placeholders
+            raise ConfigError(
+                f"learner.init_args.n_ctx={n_ctx}: the context tokens do not fit {clip.name}'s "
+                f"{length}-token text context; use a smaller n_ctx"
+            )
         prefix = " ".join([PLACEHOLDER] * n_ctx)
         tokens = clip.tokenize([f"{prefix} {name}." for name in names])  # (C, L)
         layout, length = clip.layout, tokens.shape[1]

@@ -108,6 +108,14 @@ class MultiShapes(MultiLabelSource):
         """Classes grouped by shape, as in `Shapes`."""
         return [SHAPES.index(shapes_combination(c)[1]) for c in range(self._num_classes)]
 
+    def planned_size(self, split: str) -> tuple[int, str]:
+        _check_split(split)
+        arg = f"{split}_images"
+        return getattr(self, arg), f"{arg}={getattr(self, arg)}"
+
+    def planned_pixels(self) -> tuple[int, str]:
+        return self.image_size, f"image_size={self.image_size}"
+
     def _scene(self, split: str, i: int) -> tuple[np.ndarray, np.random.Generator]:
         """The classes of image i in drawing order, and its generator, positioned to draw."""
         rng = np.random.default_rng((self.seed, SPLITS.index(split), i))
