@@ -12,11 +12,13 @@ from rich.progress import Progress as RichProgress
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """Bytes as '512 B', '4.1 kB', '24 GB', '1.5 TB' (powers of 1000): one decimal below
+    10 of a unit, none above."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            return f"{n:.0f} {unit}" if abs(n) >= 10 or unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} GB"
+    return f"{n:.0f} EB"
 
 
 def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from fedclip.errors import ConfigError
+from fedclip.progress import human_bytes as human  # the one byte formatting of fedclip
 
 # bytes per sample that every data set costs: its label and its partition indices (int64)
 INDEX_BYTES = 3 * 8
@@ -29,15 +30,6 @@ def machine_memory() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
-
-
-def human(n: float) -> str:
-    """Bytes as '24 GB', '1.5 TB' (powers of 1000)."""
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
-        if n < 1000 or unit == "EB":
-            return f"{n:.0f} {unit}" if n >= 10 or unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.0f} EB"
 
 
 def check_fits(setting: str, what: str, needed: int, limit: int | None = None) -> None:
