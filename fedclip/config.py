@@ -38,6 +38,10 @@ class FederationConfig:
         rounds: communication rounds.
         fraction: fraction of clients sampled per round (at least one client).
         local_epochs: local epochs per sampled client per round (one step per batch).
+        local_steps: if set, every sampled client takes exactly this many optimiser steps
+            per round instead of `local_epochs` epochs, passing over its shuffled batches
+            as often as needed (a fresh shuffle per pass); 1 gives lock-step protocols
+            where the global part is averaged after every step.
         eval_every: evaluate every client every this many rounds (and after the last).
         eval_at_start: evaluate the initial prompts before round 1 (logged as round 0).
         max_client_failures: a client whose local training raises or whose loss is not
@@ -49,6 +53,7 @@ class FederationConfig:
     rounds: int = 10
     fraction: float = 1.0
     local_epochs: int = 1
+    local_steps: int | None = None
     eval_every: int = 1
     eval_at_start: bool = True
     max_client_failures: int | None = None

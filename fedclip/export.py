@@ -353,12 +353,17 @@ def _metadata_json(metadata: dict[str, str], key: str) -> Any:
 
 
 def build_learner(
-    metadata: dict[str, str], clip: Any = None, classnames: list[str] | None = None
+    metadata: dict[str, str],
+    clip: Any = None,
+    classnames: list[str] | None = None,
+    client_id: int | None = None,
 ) -> Any:
     """A fresh, set-up learner of the class, arguments, task and classes in `metadata`
     (ready for `apply_prompts`). clip: the frozen backbone (default: the one the metadata
     names, loaded with `fedclip.backbone.load_backbone`); classnames: the classes to
-    classify (default: the metadata's). Only PromptLearner subclasses are built."""
+    classify (default: the metadata's); client_id: the client it is built for (learners
+    whose clients differ by design, e.g. in prompt length). Only PromptLearner subclasses
+    are built."""
     from fedclip.backbone import BackboneConfig, load_backbone
     from fedclip.learners.base import MultiLabelConfig, PromptLearner, make_learner
 
@@ -393,6 +398,7 @@ def build_learner(
         int(metadata.get("seed", "0")),
         multilabel=json.loads(metadata.get("multilabel", "false")),
         multilabel_cfg=ml_cfg,
+        client_id=client_id,
     )
     return learner.eval()
 
@@ -406,7 +412,7 @@ def load_learner(
     """`build_learner` + `apply_prompts` for the file at `path`: the global prompts
     (client None) or client `client`'s personal ones, in eval mode."""
     tensors, metadata = load_prompts(path)
-    learner = build_learner(metadata, clip, classnames)
+    learner = build_learner(metadata, clip, classnames, client_id=client)
     apply_prompts(learner, tensors, client)
     return learner
 

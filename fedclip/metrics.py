@@ -50,34 +50,57 @@ def harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
+def _acc(ct: tuple[int, int]) -> float:
+    return ct[0] / ct[1] if ct[1] else float("nan")
+
+
+def pooled_accuracy(result: dict[int, dict[str, tuple[int, int]]], part: str) -> float:
+    """Accuracy over all clients' (correct, total) of `part`, pooled."""
+    correct = sum(r[part][0] for r in result.values())
+    total = sum(r[part][1] for r in result.values())
+    return correct / total if total else float("nan")
+
+
+def accuracy_metrics(
+    result: dict[int, dict[str, tuple[int, int]]], weights: dict[int, int]
+) -> dict[str, float]:
+    """The single-label report from each client's (correct, total) of its own model on its
+    own test split ('local') and of the global part on its share of the whole test set
+    ('global'): `eval/acc_*` (mean/std/min/max over clients, and weighted by `weights`),
+    `eval/global` (pooled: the global model on the whole test set) and `eval/dual`, the
+    harmonic mean of the mean personal accuracy and the global accuracy."""
+    local = {k: _acc(r["local"]) for k, r in result.items()}
+    metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
+    metrics["eval/global"] = pooled_accuracy(result, "global")
+    metrics["eval/dual"] = harmonic_mean([metrics["eval/acc_mean"], metrics["eval/global"]])
+    metrics.update({f"client/{k}/acc": v for k, v in local.items()})
+    return metrics
+
+
 def base_to_novel_metrics(result: dict[int, dict[str, tuple[int, int]]]) -> dict[str, float]:
     """The base-to-novel report from each client's (correct, total) per evaluation.
 
     local: accuracy on the client's own test split among its own classes, averaged over
-    clients (unweighted; `eval/acc_*` are its mean/std/min/max/weighted). base, novel:
-    accuracy over all clients' shares of the base and novel test images, pooled. hm: the
-    harmonic mean of local, base and novel, as in the FedTPG/FedMVP tables.
+    clients (unweighted; `eval/acc_*` are its mean/std/min/max/weighted). base, novel: the
+    global part's accuracy over all clients' shares of the base and novel test images,
+    pooled. hm: the harmonic mean of local, base and novel, as in the FedTPG/FedMVP tables.
+    global: the base accuracy (the global model on the training classes' whole test set);
+    dual: the harmonic mean of local and global.
     """
-
-    def acc(ct: tuple[int, int]) -> float:
-        return ct[0] / ct[1] if ct[1] else float("nan")
-
-    local = {k: acc(r["local"]) for k, r in result.items()}
+    local = {k: _acc(r["local"]) for k, r in result.items()}
     weights = {k: r["local"][1] for k, r in result.items()}
     metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
-    pooled = {}
-    for part in ("base", "novel"):
-        correct = sum(r[part][0] for r in result.values())
-        total = sum(r[part][1] for r in result.values())
-        pooled[part] = correct / total if total else float("nan")
+    pooled = {part: pooled_accuracy(result, part) for part in ("base", "novel")}
     metrics["eval/local"] = metrics["eval/acc_mean"]
     metrics["eval/base"] = pooled["base"]
     metrics["eval/novel"] = pooled["novel"]
     metrics["eval/hm"] = harmonic_mean([metrics["eval/local"], pooled["base"], pooled["novel"]])
+    metrics["eval/global"] = pooled["base"]
+    metrics["eval/dual"] = harmonic_mean([metrics["eval/local"], pooled["base"]])
     for k, r in result.items():
         metrics[f"client/{k}/acc"] = local[k]
-        metrics[f"client/{k}/base"] = acc(r["base"])
-        metrics[f"client/{k}/novel"] = acc(r["novel"])
+        metrics[f"client/{k}/base"] = _acc(r["base"])
+        metrics[f"client/{k}/novel"] = _acc(r["novel"])
     return metrics
 
 
@@ -105,23 +128,36 @@ def mean_ap(ap: torch.Tensor) -> float:
 
 
 def multilabel_metrics(
-    result: dict[int, tuple[torch.Tensor, torch.Tensor]], classnames: list[str]
+    result: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]], classnames: list[str]
 ) -> dict[str, float]:
-    """Per-client mAP over the labels present in that client's test split, its summary over
-    clients (`eval/map_*`), the pooled mAP of all clients' predictions (`eval/map_pooled`)
-    and the pooled per-class AP (`class/<name>/ap`)."""
+    """Per-client mAP of its own model ('local') over the labels present in that client's
+    test split, its summary over clients (`eval/map_*`), the pooled mAP of all clients'
+    local predictions (`eval/map_pooled`) and pooled per-class AP (`class/<name>/ap`); the
+    global part's mAP over the whole test set (`eval/global`, pooled over the clients'
+    shares) and `eval/dual`, the harmonic mean of the mean personal mAP and that."""
     per_client = {}
-    for k, (scores, targets) in result.items():
+    for k, r in result.items():
+        scores, targets = r["local"]
         per_client[k] = mean_ap(average_precision(scores, targets)) if len(scores) else math.nan
-    weights = {k: len(result[k][0]) for k in result}
+    weights = {k: len(r["local"][0]) for k, r in result.items()}
     metrics = {f"eval/map_{name}": v for name, v in summarize(per_client, weights).items()}
-    seen = [k for k in result if len(result[k][0])]
+    seen = [k for k in result if len(result[k]["local"][0])]
     if seen:
         pooled = average_precision(
-            torch.cat([result[k][0] for k in seen]), torch.cat([result[k][1] for k in seen])
+            torch.cat([result[k]["local"][0] for k in seen]),
+            torch.cat([result[k]["local"][1] for k in seen]),
         )
         metrics["eval/map_pooled"] = mean_ap(pooled)
         for name, ap in zip(classnames, pooled.tolist(), strict=True):
             metrics[f"class/{name}/ap"] = ap
+    shares = [result[k]["global"] for k in result if len(result[k]["global"][0])]
+    metrics["eval/global"] = (
+        mean_ap(
+            average_precision(torch.cat([s for s, _ in shares]), torch.cat([t for _, t in shares]))
+        )
+        if shares
+        else math.nan
+    )
+    metrics["eval/dual"] = harmonic_mean([metrics["eval/map_mean"], metrics["eval/global"]])
     metrics.update({f"client/{k}/map": v for k, v in per_client.items()})
     return metrics

@@ -152,6 +152,11 @@ class FederatedData:
             ):
                 shares = np.array_split(rng.permutation(np.flatnonzero(mask)), cfg.num_clients)
                 self.parts[name] = [np.sort(p) for p in shares]
+            self.parts["global"] = self.parts["base"]
+        else:  # the global protocol: an even, seeded share of the whole test set per client
+            rng = np.random.default_rng([seed, 3])
+            shares = np.array_split(rng.permutation(len(self.test_labels)), cfg.num_clients)
+            self.parts["global"] = [np.sort(p) for p in shares]
         self.train_set = self.test_set = None
         self.clip = None
         self.transfer: dict[str, DatasetSource] = {}  # other data sets' test splits

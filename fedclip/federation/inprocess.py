@@ -160,20 +160,21 @@ class Federation(RoundLoop):
     def evaluate(self, rnd: int) -> dict[int, Any]:
         """Each client's evaluation result with the strategy's evaluation payloads."""
         ids = list(range(self.info.num_clients))
-        return self.executor.evaluate(rnd, ids, self.strategy.configure_evaluate(rnd, ids))
+        return self.executor.evaluate(rnd, ids, self.strategy.evaluation_payloads(rnd, ids))
 
     def evaluate_transfer(self, name: str) -> dict[str, float]:
-        """Accuracy of every client, with its evaluation payload, on its share of the
-        transfer split `name`, among that data set's classes; pooled over clients as
-        `transfer/NAME/acc` (the whole test set's accuracy for a shared model)."""
+        """Accuracy of the global part (`ClientRuntime.global_pass`) on every client's share
+        of the transfer split `name`, among that data set's classes; pooled over clients as
+        `transfer/NAME/acc` (the whole test set's accuracy of the global model)."""
         ids = list(range(self.info.num_clients))
-        payloads = self.strategy.configure_evaluate(self.round, ids)
+        payloads = self.strategy.evaluation_payloads(self.round, ids)
         classes = list(range(len(self.data.split_classnames(name))))
         correct = total = 0
         metrics: dict[str, float] = {}
         for k in ids:
             self.runtime.take(k, payloads.get(k))
-            c, t = self.runtime.evaluate_client_on(k, name, classes)
+            with self.runtime.global_pass(k):
+                c, t = self.runtime.evaluate_client_on(k, name, classes)
             correct, total = correct + c, total + t
             metrics[f"transfer/{name}/client/{k}/acc"] = c / t if t else float("nan")
         metrics[f"transfer/{name}/acc"] = correct / total if total else float("nan")

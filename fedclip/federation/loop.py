@@ -205,7 +205,7 @@ class RoundLoop:
         """Evaluate every client with the strategy's evaluation payloads and return the
         logged metrics (keeps each client's headline metric for the summary)."""
         ids = list(range(self.info.num_clients))
-        payloads = self.strategy.configure_evaluate(rnd, ids)
+        payloads = self.strategy.evaluation_payloads(rnd, ids)
         result = self.executor.evaluate(rnd, ids, payloads)
         counts = {k: self.info.num_test[k] for k in result}
         info = self.info

@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedclip.batch import Batch
 from fedclip.client import ClientModule, runtime_terms
 from fedclip.data.federated import FederatedData
 from fedclip.errors import ClientFailure, Stopped
@@ -65,6 +66,7 @@ class ClientRuntime:
         self.uploads = type(cfg.strategy).collects_uploads
         self.privacy = DifferentialPrivacy(cfg.privacy, data.num_clients, cfg.seed)
         self.clients: dict[int, ClientModule] = {k: self.make_client(k) for k in client_ids}
+        self.global_states: dict[int, dict[str, Tensor] | None] = {}
 
     # ---- construction ------------------------------------------------------------------
     def make_client(self, k: int) -> ClientModule:
@@ -76,6 +78,7 @@ class ClientRuntime:
             self.cfg.seed,
             multilabel=self.data.multilabel,
             multilabel_cfg=self.cfg.multilabel,
+            client_id=k,
         )
         steps = self.steps_per_round(k)
         client = ClientModule(
@@ -85,8 +88,29 @@ class ClientRuntime:
         return client.to(self.fabric.device)
 
     def steps_per_round(self, k: int) -> int:
-        """Optimiser steps of client k in one round: its local epochs of batches."""
-        return self.cfg.federation.local_epochs * self.data.steps_per_epoch(k)
+        """Optimiser steps of client k in one round: `federation.local_steps`, or its local
+        epochs of batches."""
+        fed = self.cfg.federation
+        if fed.local_steps is not None:
+            return fed.local_steps if self.data.num_train(k) else 0
+        return fed.local_epochs * self.data.steps_per_epoch(k)
+
+    def local_batches(self, k: int, rnd: int) -> Iterator[tuple[int, Batch]]:
+        """(pass, batch) of client k's local training in round rnd: `local_epochs` passes
+        over its shuffled training batches, or, with `local_steps`, exactly that many
+        batches from as many passes as needed (each pass shuffled by its own seed)."""
+        fed = self.cfg.federation
+        budget = fed.local_steps
+        epoch = 0
+        while (budget is None and epoch < fed.local_epochs) or (budget is not None and budget > 0):
+            seed = epoch_seed(self.cfg.seed, rnd, k, epoch)
+            for batch in self.data.batches(k, "train", epoch_seed=seed):
+                if budget is not None:
+                    if budget == 0:
+                        break
+                    budget -= 1
+                yield epoch, batch
+            epoch += 1
 
     # ---- state ---------------------------------------------------------------------------
     def client_state(self, k: int) -> dict[str, Any]:
@@ -100,8 +124,10 @@ class ClientRuntime:
 
     def take(self, k: int, payload: Payload | None) -> int:
         """Client k takes a download (the part its learner shares now, its extras);
-        returns the bytes it took."""
+        returns the bytes it took. An evaluation payload's `global_state` is kept for the
+        global pass of `evaluate_one`."""
         client = self.clients[k]
+        self.global_states[k] = None if payload is None else payload.global_state
         payload = client.wanted(payload)
         client.receive(payload)
         return tensor_bytes(payload) if payload is not None else 0
@@ -172,44 +198,72 @@ class ClientRuntime:
         pairs = client.configure_optimizers()
         optimizers = [self.fabric.setup_optimizers(opt) for opt, _ in pairs]
         total, count = 0.0, 0
-        for epoch in range(self.cfg.federation.local_epochs):
-            seed = epoch_seed(self.cfg.seed, rnd, k, epoch)
-            for i, batch in enumerate(self.data.batches(k, "train", epoch_seed=seed)):
-                if self.stop_requested():
-                    raise Stopped
-                batch = batch.to(self.fabric.device)
-                with self.fabric.autocast():
-                    loss = client.training_step(batch, i)
-                if not torch.isfinite(loss):
-                    raise ClientFailure(
-                        f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}"
-                    )
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                self.fabric.backward(loss)
-                for opt, (_, sched) in zip(optimizers, pairs, strict=True):
-                    opt.step()
-                    sched.step()
-                total += float(loss.detach()) * len(batch)
-                count += len(batch)
+        for i, (epoch, batch) in enumerate(self.local_batches(k, rnd)):
+            if self.stop_requested():
+                raise Stopped
+            batch = batch.to(self.fabric.device)
+            with self.fabric.autocast():
+                loss = client.training_step(batch, i)
+            if not torch.isfinite(loss):
+                raise ClientFailure(
+                    f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i + 1}"
+                )
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.fabric.backward(loss)
+            for opt, (_, sched) in zip(optimizers, pairs, strict=True):
+                opt.step()
+                sched.step()
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
         return total / max(count, 1)
 
     # ---- evaluation ----------------------------------------------------------------------
-    def evaluate_one(self, k: int) -> Any:
-        """Client k's evaluation with the state it holds: its accuracy; (logits, targets)
-        for multi-label data; under base-to-novel, (correct, total) on its local classes
-        and on its share of the base and of the novel test images."""
+    def evaluate_one(self, k: int) -> dict[str, Any]:
+        """Client k's evaluation: {part: (correct, total)}, or {part: (scores, targets)}
+        for multi-label data. 'local': its own model (personal parts included) on its own
+        test split; 'global': the global part (`global_pass`) on its share of the whole test
+        set (pooled over clients: the whole test set). Under base-to-novel, 'local' is among
+        its own classes and 'base' / 'novel' are the global part on its share of the base
+        and novel test images (the base share is the global split)."""
         if self.data.multilabel:
-            return self.predict_client(k)
+            local = self.predict_client(k)
+            with self.global_pass(k):
+                return {"local": local, "global": self.predict_client(k, "global")}
         if self.data.cfg.base_to_novel:
             base = list(range(self.data.num_base))
             novel = list(range(self.data.num_base, len(self.data.all_classnames)))
-            return {
-                "local": self.evaluate_client_on(k, "test", self.data.local_classes(k)),
-                "base": self.evaluate_client_on(k, "base", base),
-                "novel": self.evaluate_client_on(k, "novel", novel),
-            }
-        return self.evaluate_client(k)
+            local = self.evaluate_client_on(k, "test", self.data.local_classes(k))
+            with self.global_pass(k):
+                return {
+                    "local": local,
+                    "base": self.evaluate_client_on(k, "base", base),
+                    "novel": self.evaluate_client_on(k, "novel", novel),
+                }
+        every = list(range(len(self.data.classnames)))
+        local = self.evaluate_client_on(k, "test", every)
+        with self.global_pass(k):
+            return {"local": local, "global": self.evaluate_client_on(k, "global", every)}
+
+    @contextlib.contextmanager
+    def global_pass(self, k: int):
+        """Client k's learner as the global model: the server's aggregate (the evaluation
+        payload's `global_state`, the tensors its learner shares now) loaded in place of
+        its shared tensors, under `global_part()`; its own tensors are restored after."""
+        learner = self.clients[k].learner
+        aggregate = self.global_states.get(k)
+        keys = set(learner.shared_keys())
+        own = None
+        if aggregate:
+            own = learner.shared_state()
+            device = self.fabric.device
+            learner.load_shared_state({n: v.to(device) for n, v in aggregate.items() if n in keys})
+        try:
+            with learner.global_part():
+                yield learner
+        finally:
+            if own is not None:
+                learner.load_shared_state(own)
 
     @torch.no_grad()
     def evaluate_client(self, k: int) -> float:

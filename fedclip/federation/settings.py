@@ -45,6 +45,8 @@ def check_config(cfg) -> None:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {fed.fraction}")
     if fed.local_epochs < 1:
         raise ConfigError(f"federation.local_epochs must be >= 1, got {fed.local_epochs}")
+    if fed.local_steps is not None and fed.local_steps < 1:
+        raise ConfigError(f"federation.local_steps must be >= 1 or null, got {fed.local_steps}")
     if fed.eval_every < 1:
         raise ConfigError(f"federation.eval_every must be >= 1, got {fed.eval_every}")
     if fed.max_client_failures is not None and fed.max_client_failures < 0:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fedclip.errors import FederationError
-from fedclip.metrics import base_to_novel_metrics, multilabel_metrics, summarize
+from fedclip.metrics import accuracy_metrics, base_to_novel_metrics, multilabel_metrics
 from fedclip.privacy import DifferentialPrivacy
 
 
@@ -29,10 +29,7 @@ def eval_metrics(
         return multilabel_metrics(result, classnames)
     if base_to_novel:
         return base_to_novel_metrics(result)
-    s = summarize(result, {k: test_counts[k] for k in result})
-    metrics = {f"eval/acc_{name}": v for name, v in s.items()}
-    metrics.update({f"client/{k}/acc": v for k, v in result.items()})
-    return metrics
+    return accuracy_metrics(result, {k: test_counts[k] for k in result})
 
 
 def last_evaluation(history: list[dict[str, float]], metric: str) -> dict[int, float]:

@@ -92,12 +92,15 @@ def put_payload(content: RecordDict, payload: Payload | None) -> None:
     content["payload.meta"] = ConfigRecord(
         {
             "has_state": payload.state is not None,
+            "has_global": payload.global_state is not None,
             "extras": json.dumps(plain),
             "tensor_extras": json.dumps(tensor_extras),
         }
     )
     if payload.state is not None:
         content["payload.state"] = tensors_record(payload.state)
+    if payload.global_state is not None:
+        content["payload.global"] = tensors_record(payload.global_state)
     if arrays:
         content["payload.extras"] = tensors_record(arrays)
 
@@ -108,11 +111,13 @@ def read_payload(content: RecordDict) -> Payload | None:
         return None
     meta = content["payload.meta"]
     state = read_tensors(content["payload.state"]) if meta["has_state"] else None
+    has_global = "has_global" in meta and bool(meta["has_global"])
+    global_state = read_tensors(content["payload.global"]) if has_global else None
     extras: dict[str, Any] = json.loads(meta["extras"])
     arrays = read_tensors(content["payload.extras"]) if "payload.extras" in content else {}
     for name, keys in json.loads(meta["tensor_extras"]).items():
         extras[name] = arrays[name] if keys is None else {k: arrays[f"{name}/{k}"] for k in keys}
-    return Payload(state=state, extras=extras)
+    return Payload(state=state, extras=extras, global_state=global_state)
 
 
 # ---- personal state ----------------------------------------------------------------------------
@@ -216,31 +221,29 @@ def read_turn(content: RecordDict, client: int) -> ClientOutcome:
     return outcome
 
 
-def eval_record(result: Any, report: dict[str, Any]) -> RecordDict:
-    """A client's evaluation (`ClientRuntime.evaluate_one`) as a reply: an accuracy, the
-    base-to-novel (correct, total) pairs, or multi-label (scores, targets)."""
-    meta: dict[str, Any] = {"report": json.dumps(report)}
-    if isinstance(result, tuple):
-        scores, targets = result
+def eval_record(result: dict[str, Any], report: dict[str, Any]) -> RecordDict:
+    """A client's evaluation (`ClientRuntime.evaluate_one`) as a reply: {part: (correct,
+    total)}, or for multi-label data {part: (scores, targets)}."""
+    meta: dict[str, Any] = {"report": json.dumps(report), "parts": json.dumps(list(result))}
+    if any(isinstance(v[0], Tensor) for v in result.values()):
         meta["kind"] = "multilabel"
-        record: Any = tensors_record({"scores": scores, "targets": targets})
-    elif isinstance(result, dict):
-        meta["kind"] = "base_to_novel"
-        record = MetricRecord({k: [int(c), int(t)] for k, (c, t) in result.items()})
+        record: Any = tensors_record(
+            {f"{part}/{name}": t for part, pair in result.items()
+             for name, t in zip(("scores", "targets"), pair, strict=True)}
+        )  # fmt: skip
     else:
-        meta["kind"] = "acc"
-        record = MetricRecord({"acc": float(result)})
+        meta["kind"] = "counts"
+        record = MetricRecord({k: [int(c), int(t)] for k, (c, t) in result.items()})
     return RecordDict({"eval": record, "eval.meta": ConfigRecord(meta)})
 
 
-def read_eval(content: RecordDict) -> tuple[Any, dict[str, Any]]:
+def read_eval(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
     """(evaluation result, the learner's report) of `eval_record`."""
     meta = content["eval.meta"]
     report = json.loads(meta["report"])
     record = content["eval"]
     if meta["kind"] == "multilabel":
         tensors = read_tensors(record)
-        return (tensors["scores"], tensors["targets"]), report
-    if meta["kind"] == "base_to_novel":
-        return {k: (int(v[0]), int(v[1])) for k, v in record.items()}, report
-    return float(record["acc"]), report
+        parts = json.loads(meta["parts"])
+        return {p: (tensors[f"{p}/scores"], tensors[f"{p}/targets"]) for p in parts}, report
+    return {k: (int(v[0]), int(v[1])) for k, v in record.items()}, report

@@ -17,6 +17,15 @@ The contract (every method implements or inherits each part; nothing is guessed)
   a download (a subset of the shared keys, same shapes).
 - `accepts_extras` / `receive(extras)`: the learner-specific downloads it takes (pFedMoAP's
   experts); a strategy that sends an extra no learner accepts is refused at config time.
+- `global_part()`: a context in which the learner computes with its global part alone
+  (what the server's aggregate defines, without the client's personal tensors); the
+  global protocol (`eval/global`, base-to-novel's base and novel, cross-dataset transfer)
+  evaluates under it. A learner with personal parts says what its global part is
+  (`global_description`) and reads `using_global` where it computes; one without them is
+  its own global part.
+- `client_id`: the id of the client the learner belongs to (set by `make_learner`; None
+  for a learner built outside a federation), for methods whose clients differ by design
+  (e.g. per-client prompt lengths).
 - `report()`: the learner's own per-round values (numbers are logged as `client/K/NAME`,
   lists of ids go to the summary's client rows).
 - `end_of_round(loss) -> bool`: True when the trainable set changed (the client then
@@ -32,6 +41,7 @@ copied, trained, nor written into the learner's state_dict.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterator, Sequence
@@ -105,10 +115,14 @@ class PromptLearner(nn.Module):
     accepts_extras: ClassVar[frozenset[str]] = frozenset()
     supports_multilabel: ClassVar[bool] = True
     supports_base_to_novel: ClassVar[bool] = True
+    # what `global_part()` computes with, in a few words (README, summary.json)
+    global_description: ClassVar[str] = "the model itself (it has no personal part)"
 
     def __init__(self) -> None:
         super().__init__()
         object.__setattr__(self, "_clip", None)
+        self.client_id: int | None = None
+        self._global = False
         self.classnames: list[str] = []
         self._eval_text: Tensor | None = None
         self.multilabel = False
@@ -152,6 +166,25 @@ class PromptLearner(nn.Module):
     def train(self, mode: bool = True) -> PromptLearner:
         self._eval_text = None
         return super().train(mode)
+
+    # ---- the global part -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def global_part(self) -> Iterator[PromptLearner]:
+        """Within this context the learner computes with its global part alone (see
+        `global_description`); class features cached outside it are not reused inside."""
+        previous = self._global
+        self._global = True
+        self.invalidate_cache()
+        try:
+            yield self
+        finally:
+            self._global = previous
+            self.invalidate_cache()
+
+    @property
+    def using_global(self) -> bool:
+        """True inside `global_part()`."""
+        return self._global
 
     # ---- computation -----------------------------------------------------------------
     def image_features(self, batch: Batch) -> Tensor:
@@ -415,11 +448,13 @@ def make_learner(
     multilabel: bool = False,
     multilabel_cfg: MultiLabelConfig | None = None,
     device: torch.device | str | None = None,
+    client_id: int | None = None,
 ) -> PromptLearner:
     """The one factory of learners: a copy of the config's `template` (never set up
-    itself), set to the task, set up on `clip` and `classnames`, its contract checked, on
-    `device` (default: the backbone's)."""
+    itself), set to the task, set up on `clip` and `classnames` for client `client_id`,
+    its contract checked, on `device` (default: the backbone's)."""
     learner = copy.deepcopy(template)
+    learner.client_id = client_id
     learner.set_task(multilabel, multilabel_cfg)
     learner.setup(clip, classnames, seed)
     check_contract(learner)

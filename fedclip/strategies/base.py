@@ -25,10 +25,13 @@ class Payload:
 
     state: a global shared state to load before training (None: keep the client's own).
     extras: learner-specific downloads handed to `PromptLearner.receive` (e.g. experts).
+    global_state: evaluation only: the server's aggregate, which the global protocol
+        evaluates (loaded for that pass alone, under `PromptLearner.global_part()`).
     """
 
     state: dict[str, Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    global_state: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -143,6 +146,16 @@ class Strategy(abc.ABC):
     def configure_evaluate(self, rnd: int, client_ids: list[int]) -> dict[int, Payload]:
         """Payload each client evaluates with; default: the global state, when there is one."""
         return {k: Payload(state=self.global_state) for k in client_ids}
+
+    def evaluation_payloads(self, rnd: int, client_ids: list[int]) -> dict[int, Payload]:
+        """`configure_evaluate`'s payloads with the aggregate (`global_state`) attached for
+        the global protocol (what every client evaluates as the global model)."""
+        payloads = self.configure_evaluate(rnd, client_ids)
+        out = {}
+        for k in client_ids:
+            p = payloads.get(k) or Payload()
+            out[k] = Payload(state=p.state, extras=p.extras, global_state=self.global_state)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_state": self.global_state}
