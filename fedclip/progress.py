@@ -22,8 +22,8 @@ def human_bytes(n: float) -> str:
 
 
 def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str:
-    """The line of one round: `round R/N | loss | acc (or mAP, base-to-novel) | failures |
-    eps | traffic | time`. Round 0 (the evaluation before training) says so, and what the
+    """The line of one round: `round R/N | loss | acc (or mAP, base-to-novel) | global and
+    dual | failures | eps | traffic | time`. Round 0 (the evaluation before training) says so, and what the
     initial model is (`initial`, e.g. the learner's `initial_state()`)."""
     rnd = int(metrics["round"])
     parts = [f"round {rnd}/{rounds}" + (" (before training)" if rnd == 0 else "")]
@@ -40,6 +40,10 @@ def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str
         )
     if "eval/map_pooled" in metrics:
         parts.append(f"pooled mAP {100 * metrics['eval/map_pooled']:.2f}%")
+    if "eval/global" in metrics and "eval/hm" not in metrics:  # (base-to-novel: base is it)
+        parts.append(
+            f"global {100 * metrics['eval/global']:.2f}% dual {100 * metrics['eval/dual']:.2f}%"
+        )
     if "eval/hm" in metrics:  # base-to-novel
         parts.append(
             f"base {100 * metrics['eval/base']:.2f}% novel {100 * metrics['eval/novel']:.2f}% "

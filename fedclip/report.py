@@ -263,6 +263,8 @@ def print_table(fed: Any, title: str) -> None:
         keys += [("eval/map_pooled", "pooled")] if "eval/map_pooled" in ev else []
         if "eval/hm" in ev:  # base-to-novel: the pooled base and novel accuracies, and HM
             keys += [(f"eval/{k}", k) for k in ("base", "novel", "hm")]
+        elif "eval/global" in ev:  # the global model on the whole test set, and the HM
+            keys += [("eval/global", "global"), ("eval/dual", "dual")]
         for key, label in keys:
             row(label, ev.get(key, nan), before.get(key))
     Console().print(table)

@@ -48,7 +48,12 @@ def test_per_client_and_pooled_map():
     a_scores, b_scores = torch.rand(10, 3, generator=gen), torch.rand(6, 3, generator=gen)
     a_t = torch.tensor([[1, 0, 0], [0, 1, 0]] * 5)  # class 2 absent on client 0
     b_t = torch.tensor([[0, 0, 1], [1, 0, 1], [0, 1, 0]] * 2)
-    m = multilabel_metrics({0: (a_scores, a_t), 1: (b_scores, b_t)}, ["x", "y", "z"])
+    g_scores, g_t = torch.rand(8, 3, generator=gen), torch.tensor([[1, 0, 1], [0, 1, 0]] * 4)
+    result = {
+        0: {"local": (a_scores, a_t), "global": (g_scores[:5], g_t[:5])},
+        1: {"local": (b_scores, b_t), "global": (g_scores[5:], g_t[5:])},
+    }
+    m = multilabel_metrics(result, ["x", "y", "z"])
     want0 = (
         ap_by_hand(a_scores[:, 0].tolist(), a_t[:, 0].tolist())
         + ap_by_hand(a_scores[:, 1].tolist(), a_t[:, 1].tolist())
@@ -59,6 +64,11 @@ def test_per_client_and_pooled_map():
     assert m["eval/map_pooled"] == pytest.approx(sum(per_class) / 3, abs=1e-6)
     assert m["class/z/ap"] == pytest.approx(per_class[2], abs=1e-6)
     assert m["eval/map_mean"] == pytest.approx((m["client/0/map"] + m["client/1/map"]) / 2)
+    # the global part: mAP of the clients' shares pooled (the whole test set), and the HM
+    want_global = sum(ap_by_hand(g_scores[:, c].tolist(), g_t[:, c].tolist()) for c in range(3)) / 3
+    assert m["eval/global"] == pytest.approx(want_global, abs=1e-6)
+    mean = m["eval/map_mean"]
+    assert m["eval/dual"] == pytest.approx(2 * mean * want_global / (mean + want_global))
 
 
 def test_asymmetric_loss():

@@ -80,6 +80,7 @@ def run_summary(
     source = cfg.data.dataset
     return {
         "rounds_completed": rounds_completed,
+        "global_model": global_model(cfg),
         "clients": part["clients"],
         "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
         "baseline": None
@@ -106,6 +107,7 @@ def run_summary(
             "rounds": cfg.federation.rounds,
             "fraction": cfg.federation.fraction,
             "local_epochs": cfg.federation.local_epochs,
+            "local_steps": cfg.federation.local_steps,
             "clients": len(part["clients"]),
             "eval_every": cfg.federation.eval_every,
         },
@@ -117,6 +119,14 @@ def run_summary(
             "epsilon": final.get("privacy/epsilon") if privacy.enabled else None,
         },
     }
+
+
+def global_model(cfg) -> str:
+    """What `eval/global` evaluates: the learner's global part under the server's
+    aggregate, or, for a strategy that aggregates nothing, each client's own model."""
+    if not type(cfg.strategy).collects_uploads:
+        return "no aggregate: each client's own model on its share of the whole test set"
+    return f"the aggregate; {type(cfg.learner).global_description}"
 
 
 def round_metrics(
