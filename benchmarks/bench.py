@@ -179,9 +179,44 @@ def bench_method(name: str, clip: FrozenCLIP, sizes: Sizes, images, labels, augm
     return fast_step, reference_step, diff
 
 
+ONLY: set[str] | None = None  # --methods: the methods this run measures (None: all)
+
+
+def chosen() -> list[str]:
+    """The registered methods this run measures (`--methods`, default all)."""
+    return [m for m in list_methods() if ONLY is None or m in ONLY]
+
+
 def benched() -> list[str]:
-    """The registered methods with a fast path to time against their reference path."""
-    return [m for m in list_methods() if get_method(m).bench]
+    """The chosen methods with a fast path to time against their reference path."""
+    return [m for m in chosen() if get_method(m).bench]
+
+
+def _method_of(row: dict[str, Any]) -> str:
+    """A result row's method as the registry spells it ("PromptFL (augmented)" ->
+    "promptfl (augmented)"; rows of older runs used display names)."""
+    return str(row["method"]).lower()
+
+
+def merged(old: dict[str, Any], new: dict[str, Any], sections: set[str]) -> dict[str, Any]:
+    """`--merge`: the previous results with the rows of the methods re-measured now
+    replaced (in the sections run now); sections not run are kept as they were."""
+    out = dict(old)
+    out["environment"], out["settings"], out["sizes"] = (
+        new["environment"], new["settings"], new["sizes"]
+    )  # fmt: skip
+    for key in ("speed", "memory", "traffic", "accuracy"):
+        ran = key in sections or (key == "speed" and "speed_augment" in sections)
+        if not ran:
+            continue
+        redone = {_method_of(r) for r in new[key] if "method" in r}
+        kept = [r for r in old.get(key, []) if "method" not in r or _method_of(r) not in redone]
+        out[key] = kept + new[key] if key != "memory" else new[key]
+    if "scaling" in sections:
+        for axis in ("clients", "classes"):
+            out["scaling"] = out.get("scaling") or {"clients": {}, "classes": {}}
+            out["scaling"][axis] = {**out["scaling"].get(axis, {}), **new["scaling"][axis]}
+    return out
 
 
 def _inputs(model: str, sizes: Sizes, device: torch.device):
@@ -295,7 +330,7 @@ def section_traffic(sizes: Sizes) -> list[dict[str, Any]]:
     model = sizes.models[0]
     clip = load_backbone(BackboneConfig(model=model))
     rows = []
-    for method in list_methods():
+    for method in chosen():
         learner = bench_learner(method, clip, sizes)
         if learner is None:
             continue
@@ -379,12 +414,11 @@ def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
     from fedclip.data import IID, Dirichlet, Shapes
     from fedclip.data.federated import DataConfig
     from fedclip.federation import Federation
-    from fedclip.methods import list_methods
 
     rows = []
     dirichlet = lambda: Dirichlet(0.1, min_size=2 if sizes.accuracy_images[0] < 10 else 10)  # noqa: E731
     for split_name, partitioner in (("IID", IID), ("Dirichlet 0.1", dirichlet)):
-        for method in list_methods():
+        for method in chosen():
             learner, strategy, optim = _quickstart(method)
             cfg = FitConfig(
                 backbone=BackboneConfig(
@@ -414,6 +448,8 @@ def section_accuracy(sizes: Sizes) -> list[dict[str, Any]]:
                     "method": method,
                     "acc_mean": last["eval/acc_mean"],
                     "acc_min": last["eval/acc_min"],
+                    "global": last["eval/global"],
+                    "dual": last["eval/dual"],
                 }
             )
             log.info("accuracy %s %s: %.3f", split_name, method, last["eval/acc_mean"])
@@ -507,11 +543,15 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += ["", "![scaling](scaling.png)", "",
               "## Accuracy sanity table (built-in Shapes under tungsten light, tiny CLIP, equal budgets)", "",
-              "| partition | method | mean acc | min acc |", "|---|---|---|---|"]  # fmt: skip
+              "| partition | method | personal mean | personal min | global | dual |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["accuracy"]:
+        extra = [r.get("global"), r.get("dual")]  # rows measured before they existed: -
         lines.append(
             f"| {r['partition']} | {r['method']} | {100 * r['acc_mean']:.1f}% | "
-            f"{100 * r['acc_min']:.1f}% |"
+            f"{100 * r['acc_min']:.1f}% | "
+            + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in extra)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -530,7 +570,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="speed,speed_augment,memory,traffic,scaling,accuracy",
         help="comma-separated subset of the sections",
     )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated registry names (default: all)"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep OUT/results.json's other rows: replace only what this run measured",
+    )
     args = parser.parse_args(argv)
+    global ONLY
+    ONLY = None if args.methods is None else set(args.methods.split(","))
+    for name in ONLY or ():
+        get_method(name)  # an unknown name stops here, naming the registered ones
     logging.basicConfig(level=logging.ERROR, format="%(message)s")  # quiet libraries
     log.setLevel(logging.INFO)  # this script's numbers as they come
     sizes = QUICK if args.quick else FULL
@@ -557,6 +609,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else {"clients": {}, "classes": {}},
         "accuracy": section_accuracy(sizes) if "accuracy" in sections else [],
     }
+    previous = out / "results.json"
+    if args.merge and previous.exists():
+        results = merged(json.loads(previous.read_text()), results, sections)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "results.md").write_text(markdown(results))
     if results["scaling"]["clients"]:

@@ -34,3 +34,33 @@ def test_bench_quick_writes_every_section(tmp_path, monkeypatch):
     assert saved["environment"]["device"] == "cpu"
     assert "speed-up" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_merge_replaces_only_the_methods_measured_again():
+    old = {
+        "environment": {"device": "cpu"}, "settings": "full", "sizes": {},
+        "speed": [{"model": "m", "method": "PromptFL", "speedup": 1.0},
+                  {"model": "m", "method": "PromptFL (augmented)", "speedup": 2.0},
+                  {"model": "m", "method": "pFedMoAP", "speedup": 3.0}],
+        "memory": [{"model": "m", "clients": 1}],
+        "traffic": [{"model": "m", "method": "pfedmoap"}],
+        "scaling": {"clients": {"promptfl": 1}, "classes": {"promptfl": 2}},
+        "accuracy": [{"partition": "IID", "method": "promptfl", "acc_mean": 0.5}],
+    }  # fmt: skip
+    new = {
+        "environment": {"device": "cuda"}, "settings": "full", "sizes": {},
+        "speed": [{"model": "m", "method": "promptfl", "speedup": 9.0}],
+        "memory": [], "traffic": [], "scaling": {"clients": {}, "classes": {}}, "accuracy": [],
+    }  # fmt: skip
+    out = bench.merged(old, new, {"speed"})
+    # the plain promptfl row redone; the augmented one (another section) and pFedMoAP kept
+    assert [r["speedup"] for r in out["speed"]] == [2.0, 3.0, 9.0]
+    assert out["accuracy"] == old["accuracy"] and out["memory"] == old["memory"]
+    assert out["environment"]["device"] == "cuda"
+
+
+def test_methods_option_refuses_an_unknown_name():
+    from fedclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        bench.main(["--methods", "nope", "--sections", "traffic"])
