@@ -46,9 +46,7 @@ def weak_cutoff(n_global: int, ratio: float) -> int:
     return math.floor(n_global * (1.0 - ratio) + 1e-9)
 
 
-def project_local(
-    g: Tensor, local: Tensor, projection: str = "weak", ratio: float = 0.8
-) -> Tensor:
+def project_local(g: Tensor, local: Tensor, projection: str = "weak", ratio: float = 0.8) -> Tensor:
     """P = L V2 V2^T in float32 (see the module docstring): g (n_g, W), local (n_k, W) ->
     (n_k, W) float32. Gradients flow through the SVD into g unless the caller detaches it."""
     device = g.device.type
@@ -269,7 +267,9 @@ class ProjectedLocalPrompt(TextualPrompt):
     def reference_logits(self, images: Tensor) -> Tensor | None:
         with torch.no_grad():
             f = self.clip.encode_image(images)
-        return self.scores(f, self.reference_text(self.ctx if self.using_global else self.ctx_local))
+        return self.scores(
+            f, self.reference_text(self.ctx if self.using_global else self.ctx_local)
+        )
 
     def reference_loss(self, images: Tensor, batch: Batch) -> Tensor | None:
         """The image encoder and three full-length text encodes (L, G, P) at every step."""
@@ -296,4 +296,3 @@ class ProjectedLocalPrompt(TextualPrompt):
     def report(self) -> dict[str, Any]:
         """The client's local context length."""
         return {"local_length": self.local_length}
-
