@@ -142,6 +142,13 @@ register(Method(
         "fallback_templates": [f"a photo of a {{classname}}, view {i}." for i in range(10)],
     },
 ))  # fmt: skip
+register(Method(
+    "fedpha", f"{L}.ProjectedLocalPrompt", f"{S}.FedAvg", "fedpha_quickstart.yaml",
+    "a global context (averaged) and a personal local context of any length, tied by an SVD "
+    "projection onto the global context's weak singular directions; only the global travels",
+    "FedPHA: Fang et al., ICML 2025", paper="fedpha_caltech101.yaml", bench=True,
+    learner_args={"n_ctx": 16, "n_local": 16}, tiny_args={"n_ctx": 5, "n_local": 4},
+))  # fmt: skip
 del L, S
 
 

@@ -199,10 +199,20 @@ def check_loop_state(loop, state: dict[str, Any], path: Any) -> None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _sized_like(ref: Any, got: Any) -> Any:
+    """`ref` with `got`'s size when both are tensors with as many dimensions."""
+    if isinstance(ref, Tensor) and isinstance(got, Tensor) and ref.dim() == got.dim():
+        return torch.empty(got.shape, dtype=ref.dtype)
+    return ref
+
+
 def check_saved_run(state: dict[str, Any], path: Any, num_clients: int) -> None:
     """What can be checked without building the federation (`fedclip export`): the rules
     of `check_common`, the client count, and tensors that agree among themselves (every
-    client's learner state with the same tensors; the global state like theirs; finite)."""
+    client's learner state with the same tensors; the global state like theirs; finite).
+    Tensors the global state does not hold may differ in size between clients (as many
+    dimensions, the same dtype): personal tensors sized per client, e.g. local prompts of
+    per-client lengths."""
     try:
         for k in ("round", "history", "failures", "partial", "strategy"):
             if k not in state:
@@ -213,6 +223,9 @@ def check_saved_run(state: dict[str, Any], path: Any, num_clients: int) -> None:
         if len(clients) != num_clients:
             raise ValueError(f"holds {len(clients)} clients, the config has {num_clients}")
         check_common(state, num_clients)
+        strategy = state.get("strategy")
+        glob = strategy.get("global_state") if isinstance(strategy, dict) else None
+        shared = set(glob) if isinstance(glob, dict) else set()
         first = None
         for k, c in enumerate(clients):
             if not isinstance(c, dict) or not isinstance(c.get("learner"), dict):
@@ -220,7 +233,10 @@ def check_saved_run(state: dict[str, Any], path: Any, num_clients: int) -> None:
             learner = {n: v for n, v in c["learner"].items() if not n.endswith("_extra_state")}
             if first is None:
                 first = learner
-            like(first, learner, f"clients[{k}].learner", finite=True)
+            ref = {
+                n: v if n in shared else _sized_like(v, learner.get(n)) for n, v in first.items()
+            }
+            like(ref, learner, f"clients[{k}].learner", finite=True)
         strategy = state["strategy"]
         if not isinstance(strategy, dict) or "global_state" not in strategy:
             raise ValueError("strategy is not a dict with a 'global_state'")

@@ -3,6 +3,7 @@
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
+from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "OptimConfig",
     "PromptFormer",
     "PromptGating",
+    "ProjectedLocalPrompt",
     "PromptLearner",
     "TextualPrompt",
     "ZeroShot",
