@@ -197,3 +197,9 @@ def test_accountant_counts_every_step_as_opacus(tiny_vit):
 def test_bad_arguments_name_their_key(kw, key):
     with pytest.raises(ConfigError, match=f"learner.init_args.{key}="):
         PrivateLowRankPrompt(**{"n_ctx": 4, "rank": 2, **kw})
+
+
+def test_reference_rounds_override_the_runs_rounds(tiny_vit):
+    learner = make(tiny_vit, noise="reference", reference_epsilon=0.2, reference_rounds=100)
+    learner.rounds = 500
+    assert learner.sigma() == pytest.approx(math.sqrt(100 * math.log(1e5)) / 0.2, rel=1e-12)

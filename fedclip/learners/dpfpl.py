@@ -100,6 +100,9 @@ class PrivateLowRankPrompt(TextualPrompt):
         factor_grad_scale: factor on the noisy factor gradients before L's gradient is
             rebuilt (0.1, the public code's division by 10; 1.0 for the plain chain rule).
         sampling_rate: q of the accountant; null: batch size / the client's training size.
+        reference_rounds: R of the reference formula; null: the run's `federation.rounds`
+            (the public code's R counts epochs of lock-step: with `local_steps: 1`, give its
+            round count here).
     """
 
     supports_multilabel = False  # the paper's objective is single-label CE
@@ -119,6 +122,7 @@ class PrivateLowRankPrompt(TextualPrompt):
         tangent: Literal["reference", "projection"] = "reference",
         factor_grad_scale: float = 0.1,
         sampling_rate: float | None = None,
+        reference_rounds: int | None = None,
     ) -> None:
         super().__init__(n_ctx, ctx_init, False, "end")
         key = "learner.init_args"
@@ -140,6 +144,8 @@ class PrivateLowRankPrompt(TextualPrompt):
                 raise ConfigError(f"{key}.{name}={value}: must be >= 0 and finite")
         if not 0 < delta < 1:
             raise ConfigError(f"{key}.delta={delta}: must be in (0, 1)")
+        if reference_rounds is not None and reference_rounds < 1:
+            raise ConfigError(f"{key}.reference_rounds={reference_rounds}: must be >= 1")
         if sampling_rate is not None and not 0 < sampling_rate <= 1:
             raise ConfigError(f"{key}.sampling_rate={sampling_rate}: must be in (0, 1]")
         self.rank = rank
@@ -152,6 +158,7 @@ class PrivateLowRankPrompt(TextualPrompt):
         self.tangent = tangent
         self.factor_grad_scale = float(factor_grad_scale)
         self.sampling_rate = sampling_rate
+        self.reference_rounds = reference_rounds
         self.num_train: int | None = None  # the client's training size, set by its client
         self.rounds: int | None = None  # the run's rounds (configure_optimizers)
         self._history: list[tuple[float, float, int]] = []  # (sigma, q, steps), Opacus' form
@@ -197,7 +204,8 @@ class PrivateLowRankPrompt(TextualPrompt):
             return self.noise_multiplier
         if self.reference_epsilon == 0:
             return 0.0
-        return reference_noise_multiplier(self.reference_epsilon, self.rounds or 1, self.delta)
+        rounds = self.reference_rounds or self.rounds or 1
+        return reference_noise_multiplier(self.reference_epsilon, rounds, self.delta)
 
     def per_example_loss_grads(self, t: Tensor, f: Tensor, labels: Tensor) -> Tensor:
         """d loss_i / d t for every example: (B, C, D) (torch.func.vmap of grad)."""
