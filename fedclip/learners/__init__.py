@@ -1,6 +1,7 @@
 """Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.pha import ProjectedLocalPrompt
@@ -14,6 +15,7 @@ __all__ = [
     "PromptFormer",
     "PromptGating",
     "ProjectedLocalPrompt",
+    "PrivateLowRankPrompt",
     "PromptLearner",
     "TextualPrompt",
     "ZeroShot",
