@@ -70,8 +70,7 @@ class ClientModule(L.LightningModule):
         super().__init__()
         self.client_id = client_id
         self.learner = learner
-        if hasattr(learner, "num_train"):  # learners whose accounting needs N_k
-            learner.num_train = num_train
+        learner.num_train = num_train  # (the contract: e.g. per-sample privacy accounting)
         object.__setattr__(self, "_clip", clip)
         self.optim_cfg = optim
         self.num_train = num_train

@@ -148,6 +148,8 @@ register(Method(
     "projection onto the global context's weak singular directions; only the global travels",
     "FedPHA: Fang et al., ICML 2025", paper="fedpha_caltech101.yaml", bench=True,
     learner_args={"n_ctx": 16, "n_local": 16}, tiny_args={"n_ctx": 5, "n_local": 4},
+))  # fmt: skip
+register(Method(
     "dpfpl", f"{L}.PrivateLowRankPrompt", f"{S}.FedAvg", "dpfpl_quickstart.yaml",
     "a global prompt (averaged, client-level DP via `privacy:`) plus a personal local prompt "
     "factorised low-rank + residual at every step, its factor gradients clipped per example "

@@ -25,7 +25,8 @@ The contract (every method implements or inherits each part; nothing is guessed)
   its own global part.
 - `client_id`: the id of the client the learner belongs to (set by `make_learner`; None
   for a learner built outside a federation), for methods whose clients differ by design
-  (e.g. per-client prompt lengths).
+  (e.g. per-client prompt lengths); `num_train`: its client's training-sample count (set
+  by the client; None outside a federation), for per-sample privacy accounting.
 - `report()`: the learner's own per-round values (numbers are logged as `client/K/NAME`,
   lists of ids go to the summary's client rows).
 - `end_of_round(loss) -> bool`: True when the trainable set changed (the client then
@@ -122,6 +123,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         object.__setattr__(self, "_clip", None)
         self.client_id: int | None = None
+        self.num_train: int | None = None
         self._global = False
         self.classnames: list[str] = []
         self._eval_text: Tensor | None = None

@@ -159,7 +159,6 @@ class PrivateLowRankPrompt(TextualPrompt):
         self.factor_grad_scale = float(factor_grad_scale)
         self.sampling_rate = sampling_rate
         self.reference_rounds = reference_rounds
-        self.num_train: int | None = None  # the client's training size, set by its client
         self.rounds: int | None = None  # the run's rounds (configure_optimizers)
         self._history: list[tuple[float, float, int]] = []  # (sigma, q, steps), Opacus' form
         self._clipped = (0, 0)  # (clipped examples, examples) of the last round
