@@ -235,3 +235,17 @@ def test_an_offline_model_registered_from_outside_loads(tmp_path, monkeypatch, t
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="names a model config by its file"):
         registry.register_offline_model("other-name", config)
+
+
+def test_reference_text_is_the_full_length_sentence(tiny_vit):
+    """The reference path encodes the whole tokenizer-length sentence: with the context set
+    to a phrase's embeddings it equals open_clip's own encoding of the sentence."""
+    from fedclip.learners import TextualPrompt
+
+    names = ["red circle", "blue square"]
+    learner = TextualPrompt(n_ctx=4, ctx_init="a photo of a")
+    learner.setup(tiny_vit, names, 0)
+    want = tiny_vit.encode_text([f"a photo of a {n}." for n in names])
+    got = learner.reference_text(learner.ctx)
+    torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(learner.text_features(), got, atol=1e-5, rtol=1e-5)

@@ -227,10 +227,19 @@ class TextualPrompt(PromptLearner):
 
     def reference_text(self, ctx: Tensor) -> Tensor:
         """Normalised class features (C, D) under `ctx`, the reference way: every class's
-        full-length prompt (77 tokens on CLIP), no truncation, no shared prefix."""
-        return self.clip.encode_prompted_text(
-            self.prompt_embeddings(ctx), self.tokens, truncate=False
+        full-length prompt (the layout padded back to the tokenizer's length as it pads,
+        77 tokens on CLIP), no truncation, no shared prefix."""
+        length = self.clip.tokenize(["x"]).shape[1]
+        full = torch.nn.functional.pad(
+            self.tokens, (0, length - self.tokens.shape[1]), value=self.clip.layout.pad
         )
+        with torch.no_grad():
+            embeds = self.clip.token_embedding(full)
+        index = self.ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        if not self.csc:
+            ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
+        embeds = embeds.scatter(1, index, ctx.to(embeds.dtype))
+        return self.clip.encode_prompted_text(embeds, full, truncate=False)
 
     def reference_logits(self, images: Tensor) -> Tensor | None:
         """The image encoder and the full-length prompts at every step."""
