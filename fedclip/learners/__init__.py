@@ -1,18 +1,22 @@
 """Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
+from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
     "Batch",
     "FedMVP",
+    "LowRankPersonalPrompt",
     "MixtureOfPrompts",
     "OptimConfig",
     "PromptFormer",
     "PromptGating",
     "PromptLearner",
+    "PromptPortfolio",
     "TextualPrompt",
     "ZeroShot",
 ]
