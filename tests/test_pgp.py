@@ -212,3 +212,6 @@ def test_multilabel_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match="LowRankPersonalPrompt"):
         check_task(LowRankPersonalPrompt(), multilabel=True, base_to_novel=False)
+    with pytest.raises(ConfigError, match="LowRankPersonalPrompt") as e:
+        LowRankPersonalPrompt().set_task(True)
+    assert "\n" not in str(e.value)
