@@ -143,6 +143,21 @@ register(Method(
     },
 ))  # fmt: skip
 register(Method(
+    "fedpgp", f"{L}.LowRankPersonalPrompt", f"{S}.FedAvg", "fedpgp_quickstart.yaml",
+    "a global context sigma plus a personal low-rank U V, with a contrastive pull of sigma "
+    "to the frozen anchor; sigma is averaged, U and V stay",
+    "FedPGP: Cui et al., ICML 2024", paper="fedpgp_caltech101.yaml", bench=True,
+    learner_args={"n_ctx": 16, "bottleneck": 8, "mu": 0.5, "temp": 0.5},
+    tiny_args={"n_ctx": 4, "bottleneck": 2},
+))  # fmt: skip
+register(Method(
+    "promptfolio", f"{L}.PromptPortfolio", f"{S}.FedAvg", "promptfolio_quickstart.yaml",
+    "a global and a local context whose text features are mixed with a fixed theta; the "
+    "global context is averaged, the local one stays",
+    "PromptFolio: Pan et al., NeurIPS 2024", paper="promptfolio_caltech101.yaml", bench=True,
+    learner_args={"n_ctx": 8, "theta": 0.4}, tiny_args={"n_ctx": 4},
+))  # fmt: skip
+register(Method(
     "fedpha", f"{L}.ProjectedLocalPrompt", f"{S}.FedAvg", "fedpha_quickstart.yaml",
     "a global context (averaged) and a personal local context of any length, tied by an SVD "
     "projection onto the global context's weak singular directions; only the global travels",

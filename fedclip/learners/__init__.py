@@ -2,14 +2,17 @@
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
+from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
+from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
     "Batch",
     "FedMVP",
+    "LowRankPersonalPrompt",
     "MixtureOfPrompts",
     "OptimConfig",
     "PromptFormer",
@@ -17,6 +20,7 @@ __all__ = [
     "ProjectedLocalPrompt",
     "PrivateLowRankPrompt",
     "PromptLearner",
+    "PromptPortfolio",
     "TextualPrompt",
     "ZeroShot",
 ]
