@@ -3,6 +3,7 @@
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
+from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "PromptGating",
     "PromptLearner",
     "TextualPrompt",
+    "TransportPrompts",
     "ZeroShot",
 ]
