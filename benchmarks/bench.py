@@ -159,6 +159,10 @@ def bench_method(name: str, clip: FrozenCLIP, sizes: Sizes, images, labels, augm
                     [clip.encode_image(images), clip.encode_image(images.flip(-1))], 1
                 )
         batch = Batch(labels=labels, index=index, images=images, targets=targets)
+    elif Input.TOKENS in inputs:  # the dense-token cache, float16 as the data layer keeps it
+        with torch.no_grad():
+            tokens = clip.encode_dense(images).to(torch.float16).float()
+        batch = Batch(labels=labels, index=index, tokens=tokens)
     else:
         with torch.no_grad():  # the cache: computed once per sample per process
             batch = Batch(labels=labels, index=index, features=clip.encode_image(images))

@@ -143,6 +143,14 @@ register(Method(
     },
 ))  # fmt: skip
 register(Method(
+    "fedotp", f"{L}.TransportPrompts", f"{S}.FedAvg", "fedotp_quickstart.yaml",
+    "a global and a local prompt matched to the image patches by unbalanced optimal "
+    "transport; the global prompt is averaged, the local one stays",
+    "FedOTP: Li et al., CVPR 2024", paper="fedotp_caltech101.yaml", bench=True,
+    learner_args={"n_ctx": 16, "solver": "cot", "eps": 0.01, "rho": 0.8, "max_iter": 100},
+    tiny_args={"n_ctx": 4},
+))  # fmt: skip
+register(Method(
     "fedpgp", f"{L}.LowRankPersonalPrompt", f"{S}.FedAvg", "fedpgp_quickstart.yaml",
     "a global context sigma plus a personal low-rank U V, with a contrastive pull of sigma "
     "to the frozen anchor; sigma is averaged, U and V stay",

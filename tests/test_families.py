@@ -46,8 +46,12 @@ EXACT_CUT = {
 
 
 def supported(family: Family, learner: str) -> bool:
-    """Learners that change the image path need a token tower."""
-    return not (Input.IMAGES in type(LEARNERS[learner]()).inputs and family.tiny in NO_TOKENS)
+    """Learners that change the image path or read dense tokens need a token tower (the
+    ResNet's attention pool gives dense tokens too)."""
+    inputs = type(LEARNERS[learner]()).inputs
+    if Input.TOKENS in inputs:
+        return family.tiny != "fedclip-tiny-mobileclip-s"
+    return not (Input.IMAGES in inputs and family.tiny in NO_TOKENS)
 
 
 def backbone(family: Family):
@@ -119,15 +123,19 @@ def test_one_training_step(family, learner_name):
         with pytest.raises(BackboneError) as err:
             learner.setup(clip, NAMES, seed=0)
         message = str(err.value)
-        assert family.tiny in message and "\n" not in message and "only prompt the text" in message
+        why = "no dense image tokens" if Input.TOKENS in learner.inputs else "only prompt the text"
+        assert family.tiny in message and "\n" not in message and why in message
         return
     learner.setup(clip, NAMES, seed=0)
     learner.receive(learner.example_extras(2, torch.Generator().manual_seed(1)))  # e.g. experts
     labels = torch.tensor([0, 1, 2, 0])
     x = images()
+    inputs = type(learner).inputs
     batch = (
         Batch(labels=labels, index=torch.arange(4), images=x)
-        if Input.IMAGES in type(learner).inputs
+        if Input.IMAGES in inputs
+        else Batch(labels=labels, index=torch.arange(4), tokens=clip.encode_dense(x))
+        if Input.TOKENS in inputs
         else Batch(labels=labels, index=torch.arange(4), features=clip.encode_image(x))
     )
     learner.train()

@@ -5,6 +5,7 @@ from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
+from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
@@ -22,5 +23,6 @@ __all__ = [
     "PromptLearner",
     "PromptPortfolio",
     "TextualPrompt",
+    "TransportPrompts",
     "ZeroShot",
 ]
