@@ -82,6 +82,7 @@ def test_summary_holds_the_baseline_and_where_the_result_came_from(capsys):
         "rounds": 2,
         "fraction": 1.0,
         "local_epochs": 1,
+        "local_steps": None,
         "clients": 2,
         "eval_every": 1,
     }

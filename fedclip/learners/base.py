@@ -132,7 +132,10 @@ class PromptLearner(nn.Module):
 
     def set_task(self, multilabel: bool, cfg: MultiLabelConfig | None = None) -> None:
         """Single-label (softmax over classes) or multi-label (a binary decision per class
-        from a positive and a negative text feature); called before `setup`."""
+        from a positive and a negative text feature); called before `setup`. A learner
+        without multi-label support refuses it here, in one line naming it."""
+        if multilabel and not type(self).supports_multilabel:
+            raise ConfigError(f"{type(self).__name__} does not support multi-label data sets")
         self.multilabel = multilabel
         self.multilabel_cfg = cfg or MultiLabelConfig()
 

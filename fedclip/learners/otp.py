@@ -94,11 +94,6 @@ class TransportPrompts(TextualPrompt):
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         clip._dense_kind()  # a one-line BackboneError for towers without dense tokens
         super().setup(clip, classnames, seed)
-        if self.multilabel:
-            raise ConfigError(
-                "TransportPrompts does not support multi-label tasks (no negative prompts "
-                "in the OT); use a single-label data set"
-            )
         if self.ctx_init:
             local = self.ctx.detach().clone()
         else:  # one draw of (2, n_ctx, W): [0] is the global context drawn by TextualPrompt

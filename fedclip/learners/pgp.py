@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from fedclip.backbone import FrozenCLIP
 from fedclip.batch import Batch
 from fedclip.errors import ConfigError
-from fedclip.learners.base import MultiLabelConfig
 from fedclip.learners.textual import TextualPrompt
 from fedclip.templates import POSITIONAL, check_template
 
@@ -90,11 +89,6 @@ class LowRankPersonalPrompt(TextualPrompt):
         self.anchor = anchor
         # frozen anchor features (C, D) per class set, computed once each
         self._anchors: dict[tuple[str, ...], Tensor] = {}
-
-    def set_task(self, multilabel: bool, cfg: MultiLabelConfig | None = None) -> None:
-        if multilabel:  # also refused at config time (supports_multilabel)
-            raise ConfigError("LowRankPersonalPrompt does not support multi-label data sets")
-        super().set_task(multilabel, cfg)
 
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)  # ctx = sigma (n_ctx, W)
