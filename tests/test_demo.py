@@ -12,6 +12,7 @@ import json
 import pytest
 
 from fedclip.cli import main
+from fedclip.methods import get_method, list_methods
 
 from .conftest import ROOT
 
@@ -71,3 +72,13 @@ def test_shipped_quickstarts_order_zero_shot_promptfl_pfedmoap(shapes_cache, tmp
     )
     assert acc(global_prompt) >= acc(skew_start) + 0.05, (acc(skew_start), acc(global_prompt))
     assert acc(moap) >= acc(global_prompt) + 0.10, (acc(global_prompt), acc(moap))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [m for m in list_methods() if m != "zeroshot"])
+def test_every_method_s_quickstart_learns(name, shapes_cache, tmp_path):
+    """Each registered method's shipped offline quickstart, as it is: the mean personal
+    accuracy ends at least 10 points above its round 0, and global and dual are logged."""
+    start, end = fit(get_method(name).quickstart, tmp_path, name)
+    assert acc(end) >= acc(start) + 0.10, (name, acc(start), acc(end))
+    assert 0 < float(end["eval/global"]) <= 1 and 0 < float(end["eval/dual"]) <= 1
