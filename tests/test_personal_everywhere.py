@@ -29,10 +29,11 @@ def personal_methods() -> list[str]:
     from fedclip.backbone import BackboneConfig, load_backbone
 
     clip = load_backbone(BackboneConfig(model="fedclip-tiny-vit"))
+    classes = ["red circle", "green square", "blue triangle", "yellow star"]  # (attributes)
     names = []
     for name in list_methods():
         learner, _ = get_method(name).build(tiny=True)
-        if make_learner(learner, clip, ["a", "b", "c", "d"], 0, client_id=0).personal_keys():
+        if make_learner(learner, clip, classes, 0, client_id=0).personal_keys():
             names.append(name)
     return names
 
