@@ -557,6 +557,8 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in extra)
             + " |"
         )
+    if results.get("notes"):  # what was run how (kept in results.json, across --merge)
+        lines += ["", "## Notes on this run", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
 
 
