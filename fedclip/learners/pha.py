@@ -182,8 +182,8 @@ class ProjectedLocalPrompt(TextualPrompt):
         local = self._layout_for(self.local_length)
         self.local_tokens, self.local_ctx_pos = (t.to(device) for t in local)
 
-    def _layout_of(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
-        """The layout of a context of ctx's length."""
+    def context_layout(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """The layout of a context of ctx's length (each length tokenised on its own)."""
         n = ctx.shape[-2]
         if n == self.n_ctx:
             return self.tokens, self.ctx_pos
@@ -191,32 +191,7 @@ class ProjectedLocalPrompt(TextualPrompt):
             return self.local_tokens, self.local_ctx_pos
         return tuple(t.to(self.ctx.device) for t in self._layout_for(n))
 
-    # ---- text --------------------------------------------------------------------------
-    def prompt_embeddings(self, ctx: Tensor | None = None, tokens: Tensor | None = None) -> Tensor:
-        """(C, L, W) input embeddings with `ctx` (default G) in its own length's layout
-        (`tokens`: those ids instead of the layout's, e.g. padded to the full length)."""
-        ctx = self.ctx if ctx is None else ctx
-        own, ctx_pos = self._layout_of(ctx)
-        with torch.no_grad():
-            embeds = self.clip.token_embedding(own if tokens is None else tokens)
-        ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
-        index = ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-        return embeds.scatter(1, index, ctx.to(embeds.dtype))
-
-    def encode_context(self, ctx: Tensor) -> Tensor:
-        """Normalised class features (C, D) of a context of any length, in that length's
-        own tokenisation and pooled at its end token (shared-prefix path when exact)."""
-        tokens, _ = self._layout_of(ctx)
-        if not self.uses_shared_prefix():
-            return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), tokens)
-        off = self.clip.layout.offset
-        start = off + ctx.shape[-2]
-        with torch.no_grad():
-            head = self.clip.token_embedding(tokens[0, :off])  # (0|1, W)
-            suffix = self.clip.token_embedding(tokens[:, start:])  # (C, S, W)
-        prefix = torch.cat([head, ctx.to(head.dtype)], dim=0)
-        return self.clip.encode_shared_prefix(prefix, suffix, tokens[:, start:])
-
+    # ---- text ----------------------------------------------------------------------------
     def projected_local(self) -> Tensor:
         """P (n_k, W): L projected by G's SVD (float32), in the token embeddings' dtype."""
         g = self.ctx.detach() if self.detach_projection else self.ctx
@@ -255,15 +230,6 @@ class ProjectedLocalPrompt(TextualPrompt):
         return self._total(self.loss_terms(batch))
 
     # ---- the reference path ------------------------------------------------------------
-    def reference_text(self, ctx: Tensor) -> Tensor:
-        """Features of `ctx` from its full-length prompts (77 tokens on CLIP: its own
-        layout padded back as the tokenizer pads), no truncation, no shared prefix."""
-        tokens, _ = self._layout_of(ctx)
-        length = self.clip.tokenize(["x"]).shape[1]
-        full = F.pad(tokens, (0, length - tokens.shape[1]), value=self.clip.layout.pad)
-        embeds = self.prompt_embeddings(ctx, full)
-        return self.clip.encode_prompted_text(embeds, full, truncate=False)
-
     def reference_logits(self, images: Tensor) -> Tensor | None:
         with torch.no_grad():
             f = self.clip.encode_image(images)

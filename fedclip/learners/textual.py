@@ -182,15 +182,23 @@ class TextualPrompt(PromptLearner):
             tokens = tokens[:, : int(clip.text.pool_index(tokens).max()) + 1]
         return tokens, torch.stack(positions).to(tokens.device)
 
-    def prompt_embeddings(self, ctx: Tensor | None = None) -> Tensor:
+    def context_layout(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
+        """(token ids (C, L), context positions (C, n)) of the prompts that `ctx` fills:
+        the one layout of the learned context's length here; learners with contexts of
+        several lengths return the layout of ctx's length."""
+        return self.tokens, self.ctx_pos
+
+    def prompt_embeddings(self, ctx: Tensor | None = None, tokens: Tensor | None = None) -> Tensor:
         """(C, L, W) input embeddings with a context in place: the learned one, or `ctx`
-        (same shape, e.g. another client's context)."""
-        with torch.no_grad():
-            embeds = self.clip.token_embedding(self.tokens)  # (C, L, W)
+        (e.g. another client's context), in its layout (`tokens`: those ids instead of the
+        layout's, e.g. padded to the full length)."""
         ctx = self.ctx if ctx is None else ctx
+        own, ctx_pos = self.context_layout(ctx)
+        with torch.no_grad():
+            embeds = self.clip.token_embedding(own if tokens is None else tokens)  # (C, L, W)
         if not self.csc:
             ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)  # (C, n_ctx, W)
-        index = self.ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # (C, n_ctx, W)
+        index = ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # (C, n_ctx, W)
         return embeds.scatter(1, index, ctx.to(embeds.dtype))
 
     def uses_shared_prefix(self) -> bool:
@@ -206,14 +214,15 @@ class TextualPrompt(PromptLearner):
     def encode_context(self, ctx: Tensor) -> Tensor:
         """Normalised class features (C, D) under context `ctx` (the learned one or another
         client's): [SOS] + context are encoded once and shared by every class when exact."""
+        tokens, _ = self.context_layout(ctx)
         if not self.uses_shared_prefix():
-            return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), self.tokens)
-        start = self.clip.layout.offset + self.n_ctx
+            return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), tokens)
+        start = self.clip.layout.offset + ctx.shape[-2]
         with torch.no_grad():
-            head = self.clip.token_embedding(self.tokens[0, : self.clip.layout.offset])  # (0|1, W)
-            suffix = self.clip.token_embedding(self.tokens[:, start:])  # (C, S, W)
+            head = self.clip.token_embedding(tokens[0, : self.clip.layout.offset])  # (0|1, W)
+            suffix = self.clip.token_embedding(tokens[:, start:])  # (C, S, W)
         prefix = torch.cat([head, ctx.to(head.dtype)], dim=0)  # ([1 +] n, W)
-        return self.clip.encode_shared_prefix(prefix, suffix, self.tokens[:, start:])
+        return self.clip.encode_shared_prefix(prefix, suffix, tokens[:, start:])
 
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
@@ -229,16 +238,12 @@ class TextualPrompt(PromptLearner):
         """Normalised class features (C, D) under `ctx`, the reference way: every class's
         full-length prompt (the layout padded back to the tokenizer's length as it pads,
         77 tokens on CLIP), no truncation, no shared prefix."""
+        tokens, _ = self.context_layout(ctx)
         length = self.clip.tokenize(["x"]).shape[1]
         full = torch.nn.functional.pad(
-            self.tokens, (0, length - self.tokens.shape[1]), value=self.clip.layout.pad
+            tokens, (0, length - tokens.shape[1]), value=self.clip.layout.pad
         )
-        with torch.no_grad():
-            embeds = self.clip.token_embedding(full)
-        index = self.ctx_pos.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-        if not self.csc:
-            ctx = ctx.unsqueeze(0).expand(self.num_classes, -1, -1)
-        embeds = embeds.scatter(1, index, ctx.to(embeds.dtype))
+        embeds = self.prompt_embeddings(ctx, full)
         return self.clip.encode_prompted_text(embeds, full, truncate=False)
 
     def reference_logits(self, images: Tensor) -> Tensor | None:
