@@ -18,6 +18,8 @@ class Input(enum.Enum):
     """What a batch can carry besides labels and sample ids.
 
     FEATURES: the frozen, L2-normalised pooled image features (B, D), cached once per image.
+    RAW_FEATURES: the same features before the L2 normalisation, in `Batch.features` (for
+        learners that read the feature's scale, e.g. an adapter on the raw image feature).
     TOKENS: the frozen dense per-token projected image features (B, N, D) (patch tokens
         through the tower's final norm and projection, L2-normalised per token), cached
         once per image in float16 (`FrozenCLIP.encode_dense`).
@@ -27,6 +29,7 @@ class Input(enum.Enum):
     """
 
     FEATURES = "features"
+    RAW_FEATURES = "raw_features"
     TOKENS = "tokens"
     IMAGES = "images"
     FLIP_TARGETS = "flip_targets"
@@ -39,7 +42,7 @@ class Batch:
     labels: Tensor  # (B,) int64 class ids; multi-label: (B, C) float 0/1 targets
     index: Tensor  # (B,) sample ids in the base data set
     images: Tensor | None = None  # (B, 3, H, W)
-    features: Tensor | None = None  # (B, D) normalised frozen image features
+    features: Tensor | None = None  # (B, D) frozen image features (normalised unless RAW_)
     # (B, 2, D) frozen features of the image and of its horizontal flip (consistency targets)
     targets: Tensor | None = None
     tokens: Tensor | None = None  # (B, N, D) normalised frozen dense token features

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -73,8 +74,10 @@ class FeatureCache:
         indices: np.ndarray,
         batch_size: int = 128,
         num_workers: int = 0,
+        normalize: bool = True,
     ) -> Tensor:
-        """Frozen, normalised features (len(indices), D) of samples `indices` of `dataset`.
+        """Frozen, normalised features (len(indices), D) of samples `indices` of `dataset`
+        (`normalize=False`: before the normalisation; the cache keeps those).
 
         Each sample is encoded at most once per process for a given `key` (the data split's
         identity): valid whenever the image path is not changed by a learner and no random
@@ -92,11 +95,11 @@ class FeatureCache:
         missing = idx[~have[idx]].unique().cpu().numpy()
         if len(missing):
             for images, _, sample_ids in _loader(dataset, missing, batch_size, num_workers):
-                out = self.encode_image(images.to(self.device)).float()
+                out = self.encode_image(images.to(self.device), normalize=False).float()
                 sample_ids = sample_ids.to(self.device)
                 feats[sample_ids] = out
                 have[sample_ids] = True
-        return feats[idx]
+        return F.normalize(feats[idx], dim=-1) if normalize else feats[idx]
 
     @torch.no_grad()
     def cached_dense_features(

@@ -274,9 +274,10 @@ class FederatedData:
     def _cached_batches(self, split, idx, labels, order, bs, key, dataset, tokens, targets):
         """Batches of cached inputs only (no image loaded), in the order `order` of `idx`."""
         feats = None
-        if Input.FEATURES in self.inputs:
+        raw = Input.RAW_FEATURES in self.inputs
+        if Input.FEATURES in self.inputs or raw:
             feats = self.clip.cached_image_features(
-                key, dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers
+                key, dataset, idx, self.cfg.eval_batch_size, self.cfg.num_workers, not raw
             )  # (n_k, D)
         device = feats.device if feats is not None else self.clip.device
         if self.multilabel:

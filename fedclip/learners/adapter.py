@@ -12,9 +12,9 @@ features are the data layer's cached ones when augmentation is off (computed per
 when it is on): the backbone never runs in training mode (FrozenCLIP.train keeps it in
 eval mode, so BatchNorm statistics of RN towers never move).
 
-e is the normalised frozen feature fedclip caches; the reference feeds the unnormalised
-one. The final normalisation removes e's scale from A(e) * e, so the two differ only in
-the scale of the adapter's input (a per-image factor on its first layer).
+e is the unnormalised frozen feature, as in the reference (the learner declares
+Input.RAW_FEATURES: the data layer caches the features before their normalisation). The
+final normalisation removes e's scale from A(e) * e, but not from the adapter's input.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedclip.backbone import FrozenCLIP
-from fedclip.batch import Batch
+from fedclip.batch import Batch, Input
 from fedclip.errors import ConfigError
 from fedclip.learners.base import OptimConfig, PromptLearner, optimizer_for
 from fedclip.templates import POSITIONAL, check_template
@@ -74,6 +74,8 @@ class AttentionAdapter(PromptLearner):
         fresh_optimizer: a new Adam at every round the client trains (the reference);
             false keeps its moments across rounds. Only with optimizer 'adam'.
     """
+
+    inputs = frozenset({Input.RAW_FEATURES})  # the adapter reads the feature's scale too
 
     def __init__(
         self,

@@ -193,11 +193,13 @@ class PromptLearner(nn.Module):
 
     # ---- computation -----------------------------------------------------------------
     def image_features(self, batch: Batch) -> Tensor:
-        """Normalised frozen image features (B, D): cached ones when the batch has them."""
+        """Frozen image features (B, D), normalised (unless the learner declares
+        RAW_FEATURES): cached ones when the batch has them."""
         if batch.features is not None:
             return batch.features
+        raw = Input.RAW_FEATURES in type(self).inputs
         with torch.no_grad():
-            return self.clip.encode_image(batch.images)
+            return self.clip.encode_image(batch.images, normalize=not raw)
 
     def text_features(self) -> Tensor:
         """Normalised class text features (C, D); with gradient to the prompts in training."""
@@ -254,7 +256,10 @@ class PromptLearner(nn.Module):
         images = images.to(clip.device)
         n, inputs = images.shape[0], type(self).inputs
         with torch.no_grad():
-            features = clip.encode_image(images).float() if Input.FEATURES in inputs else None
+            raw = Input.RAW_FEATURES in inputs
+            features = None
+            if Input.FEATURES in inputs or raw:
+                features = clip.encode_image(images, normalize=not raw).float()
             tokens = None
             if Input.TOKENS in inputs:
                 tokens = clip.encode_dense(images).to(torch.float16).float()
