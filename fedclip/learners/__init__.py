@@ -5,7 +5,9 @@ from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.kgcoop import KnowledgeGuidedPrompt
+from fedclip.learners.maple import CoupledPrompt
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
+from fedclip.learners.multimodal import VisionLanguagePrompt
 from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
@@ -15,6 +17,7 @@ from fedclip.learners.textual import TextualPrompt, ZeroShot
 __all__ = [
     "AttentionAdapter",
     "Batch",
+    "CoupledPrompt",
     "FedMVP",
     "KnowledgeGuidedPrompt",
     "LowRankPersonalPrompt",
@@ -28,5 +31,6 @@ __all__ = [
     "PromptPortfolio",
     "TextualPrompt",
     "TransportPrompts",
+    "VisionLanguagePrompt",
     "ZeroShot",
 ]
