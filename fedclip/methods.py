@@ -181,6 +181,13 @@ register(Method(
     learner_args={"n_ctx": 16, "rank": 8, "clip_norm": 10.0},
     strategy_args={"weighted": False}, tiny_args={"n_ctx": 4, "rank": 2},
 ))  # fmt: skip
+register(Method(
+    "fedtpg", f"{L}.GeneratedPrompt", f"{S}.FedAvg", "fedtpg_quickstart.yaml",
+    "a shared generator turning the frozen text features of the class names into the "
+    "context; the whole generator is averaged, nothing is personal",
+    "FedTPG: Qiu et al., ICLR 2024", bench=True,
+    learner_args={"n_ctx": 4, "d_ctx": 1, "depth": 0},
+))  # fmt: skip
 del L, S
 
 

@@ -9,10 +9,12 @@ from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
+from fedclip.learners.tpg import GeneratedPrompt, TextPromptGenerator
 
 __all__ = [
     "Batch",
     "FedMVP",
+    "GeneratedPrompt",
     "LowRankPersonalPrompt",
     "MixtureOfPrompts",
     "OptimConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "PrivateLowRankPrompt",
     "PromptLearner",
     "PromptPortfolio",
+    "TextPromptGenerator",
     "TextualPrompt",
     "TransportPrompts",
     "ZeroShot",
