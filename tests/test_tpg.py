@@ -198,9 +198,7 @@ def test_generator_stays_float32_under_autocast_and_everything_is_shared(tiny_vi
         assert lrn.generate().dtype == torch.float32
         lrn.text_features().float().sum().backward()
     assert all(p.dtype == torch.float32 and p.grad is not None for p in lrn.parameters())
-    assert set(lrn.shared_keys()) == set(lrn.state_dict()) == {
-        n for n, _ in lrn.named_parameters()
-    }
+    assert set(lrn.shared_keys()) == set(lrn.state_dict()) == {n for n, _ in lrn.named_parameters()}
     assert lrn.personal_keys() == []
 
 
