@@ -138,7 +138,7 @@ class GeneratedPrompt(TextualPrompt):
                 f"learner.init_args.heads={self.heads}: must divide {clip.name}'s text width "
                 f"{width}"
             )
-        layers = len(clip.text.transformer.resblocks)
+        layers = clip.text_layers
         if self.d_ctx > layers:
             raise ConfigError(
                 f"learner.init_args.d_ctx={self.d_ctx}: {clip.name}'s text tower has only "
@@ -170,15 +170,20 @@ class GeneratedPrompt(TextualPrompt):
         if key not in self._names:
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad(), _no_autocast(self.clip.device):
-                self._names[key] = self.clip.encode_text(names).float()
+                self._names[key] = self.clip.encode_text(names).to(self._dtype)
         return self._names[key]
 
     def generate(self, names: Tensor | None = None) -> Tensor:
         """The generator's contexts (d_ctx, n_ctx, W) for class-name features `names`
-        (default: the cached ones of the current class list), in float32."""
+        (default: the cached ones of the current class list), in the parameters' dtype
+        (float32), whatever autocast is active."""
         names = self.name_features() if names is None else names
         with _no_autocast(names.device):
-            return self.generator(names.float())
+            return self.generator(names.to(self._dtype))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.generator.soft_prompt.dtype
 
     @staticmethod
     def _deep(contexts: Tensor) -> list[Tensor] | None:
@@ -187,10 +192,7 @@ class GeneratedPrompt(TextualPrompt):
 
     def text_features(self) -> Tensor:
         contexts = self.generate()
-        deep = self._deep(contexts)
-        if deep is None:
-            return self.encode_context(contexts[0])
-        return self.encode_context(contexts[0], deep=deep)
+        return self.encode_context(contexts[0], deep=self._deep(contexts))
 
     # ---- the reference path -------------------------------------------------------------
     def reference_logits(self, images: Tensor) -> Tensor | None:
@@ -201,13 +203,8 @@ class GeneratedPrompt(TextualPrompt):
             tokens = clip.tokenize([c.replace("_", " ") for c in self.classnames])
             names = clip.encode_prompted_text(clip.token_embedding(tokens), tokens, truncate=False)
             f = clip.encode_image(images)
-        contexts = self.generate(names.float())
-        deep = self._deep(contexts)
-        if deep is None:
-            t = self.reference_text(contexts[0])
-        else:
-            t = self.reference_text(contexts[0], deep=deep)
-        return self.scores(f, t)
+        contexts = self.generate(names)
+        return self.scores(f, self.reference_text(contexts[0], deep=self._deep(contexts)))
 
     # ---- what travels -------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
