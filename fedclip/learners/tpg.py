@@ -170,7 +170,8 @@ class GeneratedPrompt(TextualPrompt):
         if key not in self._names:
             names = [c.replace("_", " ") for c in self.classnames]
             with torch.no_grad(), _no_autocast(self.clip.device):
-                self._names[key] = self.clip.encode_text(names).to(self._dtype)
+                feats = self.clip.encode_text(names)
+            self._names[key] = feats.to(self.generator.soft_prompt.device, self._dtype)
         return self._names[key]
 
     def generate(self, names: Tensor | None = None) -> Tensor:
