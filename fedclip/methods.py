@@ -209,6 +209,13 @@ register(Method(
     "MaPLe: Khattak et al., CVPR 2023", bench=True,
     learner_args={"n_ctx": 2, "prompt_depth": 9}, tiny_args={"prompt_depth": 2},
 ))  # fmt: skip
+register(Method(
+    "fedtpg", f"{L}.GeneratedPrompt", f"{S}.FedAvg", "fedtpg_quickstart.yaml",
+    "a shared generator turning the frozen text features of the class names into the "
+    "context; the whole generator is averaged, nothing is personal",
+    "FedTPG: Qiu et al., ICLR 2024", bench=True,
+    learner_args={"n_ctx": 4, "d_ctx": 1, "depth": 0},
+))  # fmt: skip
 del L, S
 
 

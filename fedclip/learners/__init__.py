@@ -13,12 +13,14 @@ from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
+from fedclip.learners.tpg import GeneratedPrompt, TextPromptGenerator
 
 __all__ = [
     "AttentionAdapter",
     "Batch",
     "CoupledPrompt",
     "FedMVP",
+    "GeneratedPrompt",
     "KnowledgeGuidedPrompt",
     "LowRankPersonalPrompt",
     "MixtureOfPrompts",
@@ -29,6 +31,7 @@ __all__ = [
     "PrivateLowRankPrompt",
     "PromptLearner",
     "PromptPortfolio",
+    "TextPromptGenerator",
     "TextualPrompt",
     "TransportPrompts",
     "VisionLanguagePrompt",
