@@ -20,6 +20,7 @@ from fedclip.methods import get_method
 from fedclip.metrics import base_to_novel_metrics, harmonic_mean
 
 from .conftest import tiny_yaml
+from .test_flower import task_identity  # noqa: F401  (the Flower tests' fixture)
 
 
 def fedtpg_chunks(m: int, cpc: int) -> list[list[int]]:
@@ -306,3 +307,43 @@ def test_fedmvp_runs_over_several_data_sets():
     assert final["eval/base"] == pytest.approx(
         (final["eval/base/shapes1"] + final["eval/base/shapes2"]) / 2
     )
+
+
+MULTI_DATA = {
+    "class_path": "fedclip.data.MultiDataset",
+    "init_args": {"datasets": [
+        {"class_path": "fedclip.data.Shapes",
+         "init_args": {"num_classes": 6, "train_per_class": 4, "test_per_class": 2, "image_size": 32}},
+        {"class_path": "fedclip.data.Shapes",
+         "init_args": {"num_classes": 4, "train_per_class": 4, "test_per_class": 2, "image_size": 32,
+                       "style": "tungsten"}},
+    ]},
+}  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("method", ["promptfl", "fedpgp"])
+def test_flower_equals_fit_over_several_data_sets(tmp_path, method):
+    """Flower nodes build their clients over their own class lists as `fedclip fit` does:
+    bitwise the same global state, metrics and summary."""
+    from .test_flower import assert_same_state, flower_run, ids, reference, results, without_time
+
+    m = get_method(method)
+    over = {
+        "learner": {"class_path": m.learner, "init_args": {**m.learner_args, **m.tiny_args}},
+        "data.dataset": MULTI_DATA,
+        "data.partitioner": {"class_path": "fedclip.data.ClassChunks",
+                             "init_args": {"classes_per_client": 2, "shots": 3}},
+        "data.num_clients": None,
+        "data.base_to_novel": True,
+        "federation.rounds": 1,
+    }  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(tiny_yaml(over))
+    flower = flower_run(config, ids(3), fresh_process=False)
+    local = reference(config)
+    assert_same_state(flower.strategy.global_state, local.strategy.global_state)
+    assert without_time(flower.history) == without_time(local.history)
+    assert results(flower.summary()) == results(local.summary())
+    assert "eval/base/shapes2" in local.history[-1]
