@@ -21,6 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from fedclip.backbone import BackboneConfig
 from fedclip.config_checks import check_layout, check_numbers
 from fedclip.data.federated import DataConfig
+from fedclip.data.multi import resolve_num_clients
 from fedclip.errors import ConfigError, UsageError
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
@@ -231,7 +232,9 @@ def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, 
         parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     )
     fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
-    return FitConfig(**fields), plain
+    cfg = FitConfig(**fields)
+    resolve_num_clients(cfg.data)  # data.num_clients: null -> what the partitioner makes
+    return cfg, plain
 
 
 def read_run_config(run_dir: Path) -> tuple[FitConfig, dict[str, Any]]:

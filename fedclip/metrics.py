@@ -68,7 +68,10 @@ def accuracy_metrics(
     own test split ('local') and of the global part on its share of the whole test set
     ('global'): `eval/acc_*` (mean/std/min/max over clients, and weighted by `weights`),
     `eval/global` (pooled: the global model on the whole test set) and `eval/dual`, the
-    harmonic mean of the mean personal accuracy and the global accuracy."""
+    harmonic mean of the mean personal accuracy and the global accuracy. Over several
+    data sets (parts 'global/<d>'): `dataset_metrics`."""
+    if _per_dataset(result):
+        return dataset_metrics(result, weights, base_to_novel=False)
     local = {k: _acc(r["local"]) for k, r in result.items()}
     metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
     metrics["eval/global"] = pooled_accuracy(result, "global")
@@ -85,10 +88,13 @@ def base_to_novel_metrics(result: dict[int, dict[str, tuple[int, int]]]) -> dict
     global part's accuracy over all clients' shares of the base and novel test images,
     pooled. hm: the harmonic mean of local, base and novel, as in the FedTPG/FedMVP tables.
     global: the base accuracy (the global model on the training classes' whole test set);
-    dual: the harmonic mean of local and global.
+    dual: the harmonic mean of local and global. Over several data sets (parts
+    'base/<d>', 'novel/<d>'): `dataset_metrics`.
     """
-    local = {k: _acc(r["local"]) for k, r in result.items()}
     weights = {k: r["local"][1] for k, r in result.items()}
+    if _per_dataset(result):
+        return dataset_metrics(result, weights, base_to_novel=True)
+    local = {k: _acc(r["local"]) for k, r in result.items()}
     metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
     pooled = {part: pooled_accuracy(result, part) for part in ("base", "novel")}
     metrics["eval/local"] = metrics["eval/acc_mean"]
@@ -101,6 +107,64 @@ def base_to_novel_metrics(result: dict[int, dict[str, tuple[int, int]]]) -> dict
         metrics[f"client/{k}/acc"] = local[k]
         metrics[f"client/{k}/base"] = _acc(r["base"])
         metrics[f"client/{k}/novel"] = _acc(r["novel"])
+    return metrics
+
+
+def _per_dataset(result: dict[int, dict[str, tuple[int, int]]]) -> bool:
+    kinds = ("base/", "novel/", "global/")
+    return any(part.startswith(kinds) for r in result.values() for part in r)
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+DATASETS_CONVENTION = (
+    "per data set d: local/<d> = unweighted mean over d's clients of their accuracy among "
+    "their own classes; base/<d>, novel/<d> (global/<d>) = the global part on d's test images "
+    "among d's base (novel; all) classes, pooled; local, base, novel, global = unweighted means "
+    "over data sets; hm = harmonic mean of the means (local, base, novel), not a mean of "
+    "per-data-set HMs (FedTPG, PMFLT); dual = HM(local, global)"
+)
+
+
+def dataset_metrics(
+    result: dict[int, dict[str, tuple[int, int]]], weights: dict[int, int], base_to_novel: bool
+) -> dict[str, float]:
+    """The report over several data sets (FedTPG's convention) from each client's (correct,
+    total) of 'local' (its own model among its own classes; 'local/<d>' names its data set
+    d) and of the global part on its share of each data set d's test images among d's
+    classes ('base/<d>', 'novel/<d>', or 'global/<d>' without base-to-novel).
+
+    Per data set d: eval/local/<d> = the unweighted mean over d's clients of their local
+    accuracy; eval/base/<d>, eval/novel/<d> (eval/global/<d>) = pooled over the clients'
+    shares of d. Then each is averaged over data sets (unweighted): eval/local,
+    eval/base, eval/novel (eval/global). eval/hm = the harmonic mean of those means
+    (local, base, novel), not a mean of per-data-set HMs (FedTPG, PMFLT); eval/global =
+    eval/base under base-to-novel; eval/dual = HM(eval/local, eval/global).
+    eval/acc_* summarise the local accuracy over all clients, as for one data set.
+    """
+    local = {k: _acc(r["local"]) for k, r in result.items()}
+    metrics = {f"eval/acc_{name}": v for name, v in summarize(local, weights).items()}
+    kinds = ("base", "novel") if base_to_novel else ("global",)
+    names = list(dict.fromkeys(p.split("/", 1)[1] for r in result.values() for p in r
+                               if p.startswith(f"{kinds[0]}/")))  # fmt: skip
+    per = {}
+    for d in names:
+        mine = [local[k] for k, r in result.items() if f"local/{d}" in r]
+        per[f"local/{d}"] = _mean(mine)
+        for kind in kinds:
+            per[f"{kind}/{d}"] = pooled_accuracy(result, f"{kind}/{d}")
+    metrics.update({f"eval/{key}": v for key, v in per.items()})
+    for kind in ("local", *kinds):
+        metrics[f"eval/{kind}"] = _mean([per[f"{kind}/{d}"] for d in names])
+    if base_to_novel:
+        parts = [metrics["eval/local"], metrics["eval/base"], metrics["eval/novel"]]
+        metrics["eval/hm"] = harmonic_mean(parts)
+        metrics["eval/global"] = metrics["eval/base"]
+    metrics["eval/dual"] = harmonic_mean([metrics["eval/local"], metrics["eval/global"]])
+    metrics.update({f"client/{k}/acc": v for k, v in local.items()})
     return metrics
 
 

@@ -165,6 +165,7 @@ def partition_figure(summary: dict[str, Any], title: str = ""):
         labels = []
         for row in summary["clients"]:
             domain = f" {row['domain']}" if row.get("domain") else ""
+            domain += f" {row['dataset']}" if row.get("dataset") else ""
             labels.append(f"{row['client']}{domain} ({row['train']})")
         ax.set_yticks(range(k), labels, fontsize=7)
     names = summary.get("classnames", [])
@@ -182,22 +183,22 @@ def plot_partition(summary: dict[str, Any], path: Path, title: str = "") -> None
 
 
 def partition_table(summary: dict[str, Any], title: str):
-    """A rich table: client, domain (when there are domains), train and test samples, classes."""
+    """A rich table: client, domain (when there are domains), data set (over several data
+    sets), train and test samples, classes."""
     from rich.table import Table
 
-    has_domain = any(row.get("domain") for row in summary["clients"])
+    named = [key for key in ("domain", "dataset") if any(r.get(key) for r in summary["clients"])]
     table = Table(title=title)
-    columns = ["client", *(["domain"] if has_domain else []), "train", "test", "classes"]
+    columns = ["client", *named, "train", "test", "classes"]
     for col in columns:
-        table.add_column(col, justify="left" if col == "domain" else "right")
+        table.add_column(col, justify="left" if col in named else "right")
     for row in summary["clients"]:
         cells = [str(row["client"])]
-        if has_domain:
-            cells.append(str(row.get("domain") or "-"))
+        cells += [str(row.get(key) or "-") for key in named]
         cells += [str(row["train"]), str(row["test"]), str(row["classes"])]
         table.add_row(*cells)
     table.add_section()
-    total = ["all", *([""] if has_domain else [])]
+    total = ["all", *([""] * len(named))]
     total += [
         str(sum(r["train"] for r in summary["clients"])),
         str(sum(r["test"] for r in summary["clients"])),
@@ -250,7 +251,8 @@ def print_table(fed: Any, title: str) -> None:
 
     for client in summary["clients"]:
         counts = (str(client["train"]), str(client["test"]), str(client["classes"]))
-        row(str(client["client"]), client[name], client.get(f"{name}_round0"), counts)
+        label = str(client["client"]) + (f" {client['dataset']}" if client.get("dataset") else "")
+        row(label, client[name], client.get(f"{name}_round0"), counts)
     ev = summary["eval"]
     if ev:
         table.add_section()

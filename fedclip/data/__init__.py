@@ -34,6 +34,7 @@ from fedclip.data.domains import (
     OfficeHome,
     TerraIncognita,
 )
+from fedclip.data.multi import MultiDataset
 from fedclip.data.multilabel import (
     COCO2014,
     NUSWIDE,
@@ -44,6 +45,7 @@ from fedclip.data.multilabel import (
 from fedclip.data.partition import (
     IID,
     ByDomain,
+    ClassChunks,
     Dirichlet,
     DomainDirichlet,
     FewShot,
@@ -92,6 +94,8 @@ __all__ = [
     "TerraIncognita",
     "IID",
     "ByDomain",
+    "ClassChunks",
+    "MultiDataset",
     "Dirichlet",
     "DomainDirichlet",
     "FewShot",

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from fedclip.batch import Batch, Input
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
 from fedclip.data.memory import check_data_plan
+from fedclip.data.multi import base_classes, dataset_shares, resolve_num_clients
 from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
 from fedclip.errors import ConfigError
 from fedclip.interrupt import ignore_stop_signals
@@ -28,7 +29,8 @@ class DataConfig:
         partitioner: how training samples are split among clients (fedclip.data.IID,
             Dirichlet, TwoLevelDirichlet, Pathological, FewShot). Each client's test split follows its
             training label distribution.
-        num_clients: number of simulated clients.
+        num_clients: number of simulated clients; null: as many as the partitioner makes
+            (`ClassChunks`: one per chunk of classes).
         batch_size: local training batch size.
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader worker processes for image decoding.
@@ -37,12 +39,13 @@ class DataConfig:
         base_to_novel: the base-to-novel protocol: clients train on the first half of the
             classes (base, ceil(C / 2)); every client is evaluated on its own classes
             (local), on a share of the test images of all base classes and on a share of
-            those of the other classes (novel).
+            those of the other classes (novel). Over several data sets (`MultiDataset`):
+            the first half of EACH data set's classes, base and novel per data set.
     """
 
     dataset: DatasetSource = field(default_factory=Shapes)
     partitioner: Partitioner = field(default_factory=Dirichlet)
-    num_clients: int = 4
+    num_clients: int | None = 4
     batch_size: int = 32
     eval_batch_size: int = 256
     num_workers: int = 0
@@ -88,6 +91,7 @@ class FederatedData:
     """Client splits of one data set: pure functions of the labels and the seed."""
 
     def __init__(self, cfg: DataConfig, seed: int, cache_bytes_per_image: int = 0) -> None:
+        resolve_num_clients(cfg)
         if cfg.num_clients < 1:
             raise ConfigError(f"data.num_clients must be >= 1, got {cfg.num_clients}")
         for name in ("batch_size", "eval_batch_size"):
@@ -118,12 +122,17 @@ class FederatedData:
             }
         self.partitioner = cfg.partitioner.bind(self.source)
         num_classes = len(self.all_classnames)
-        self.num_base = math.ceil(num_classes / 2) if cfg.base_to_novel else num_classes
-        if cfg.base_to_novel and num_classes < 2:
-            raise ConfigError("data.base_to_novel needs at least 2 classes")
-        self.classnames = self.all_classnames[: self.num_base]  # what clients train on
+        # the data set of every class and the member names (None: a single data set)
+        owner = getattr(self.source, "class_dataset", None)
+        self.class_dataset = np.asarray(owner or [0] * num_classes, dtype=np.int64)
+        self.dataset_names = list(self.source.names) if owner is not None else None
+        self.is_base = base_classes(self.class_dataset, cfg.base_to_novel)  # (C,) bool
+        self.train_classes = np.flatnonzero(self.is_base)  # ids, ascending
+        self.num_base = len(self.train_classes)
+        # what clients train on (a single data set: the first ceil(C / 2) classes, or all)
+        self.classnames = [self.all_classnames[c] for c in self.train_classes]
         # partition the training samples of the training classes only
-        pool = np.flatnonzero(self.train_labels < self.num_base)
+        pool = np.flatnonzero(self.is_base[self.train_labels])
         self.train_domains = self.source.domains("train")
         self.test_domains = self.source.domains("test")
         parts = self.partitioner(
@@ -133,6 +142,11 @@ class FederatedData:
             domains=None if self.train_domains is None else self.train_domains[pool],
         )
         self.train_parts = [pool[p] for p in parts]
+        # each client's own class list (ids), when the partitioner gives clients one
+        chooser = getattr(self.partitioner, "client_classes", None)
+        self.own_classes = (
+            None if chooser is None else chooser(self.train_labels[pool], cfg.num_clients)
+        )
         self.test_parts = self.partitioner.split_test(
             self.train_parts,
             self.train_labels,
@@ -142,9 +156,11 @@ class FederatedData:
             test_domains=self.test_domains,
         )
         if cfg.base_to_novel:  # local evaluation stays on the training classes
-            self.test_parts = [p[self.test_labels[p] < self.num_base] for p in self.test_parts]
+            self.test_parts = [p[self.is_base[self.test_labels[p]]] for p in self.test_parts]
         self.parts = {"train": self.train_parts, "test": self.test_parts}
-        if cfg.base_to_novel:  # an even, seeded share of each class set's test images
+        if self.dataset_names is not None:  # per data set: base/<d>, novel/<d> or global/<d>
+            self.parts.update(dataset_shares(self, seed))
+        elif cfg.base_to_novel:  # an even, seeded share of each class set's test images
             rng = np.random.default_rng([seed, 1])
             for name, mask in (
                 ("base", self.test_labels < self.num_base),
@@ -299,6 +315,37 @@ class FederatedData:
         """The classes client k holds in training, ascending."""
         return np.unique(self.train_labels[self.train_parts[k]]).tolist()
 
+    def client_classes(self, k: int) -> list[int] | None:
+        """Client k's own class list (ids) when the partitioner gives each client one
+        (`ClassChunks`): it trains and is evaluated locally over it; None: every client
+        classifies among all training classes."""
+        return None if self.own_classes is None else list(self.own_classes[k])
+
+    def train_label_map(self, k: int) -> torch.Tensor | None:
+        """Class id -> position in client k's training class list (its own list, or the
+        training classes), -1 elsewhere; None when that is the identity."""
+        classes = self.client_classes(k)
+        classes = self.train_classes.tolist() if classes is None else classes
+        if classes == list(range(len(classes))):
+            return None
+        remap = torch.full((len(self.all_classnames),), -1, dtype=torch.long)
+        remap[torch.as_tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
+        return remap
+
+    def dataset_classes(self, d: int, which: str = "all") -> list[int]:
+        """The class ids of data set d: 'all', 'base' (its training classes) or 'novel'."""
+        mine = self.class_dataset == d
+        mask = {"all": mine, "base": mine & self.is_base, "novel": mine & ~self.is_base}[which]
+        return np.flatnonzero(mask).tolist()
+
+    def client_dataset(self, k: int) -> str | None:
+        """The data set client k trains on (most of its training samples), or None for a
+        single data set."""
+        if self.dataset_names is None or len(self.train_parts[k]) == 0:
+            return None
+        owner = self.class_dataset[self.train_labels[self.train_parts[k]]]
+        return self.dataset_names[int(np.bincount(owner).argmax())]
+
     def _flip_targets(self, key: str, dataset, idx: np.ndarray) -> torch.Tensor:
         """Frozen features of samples `idx` and of their horizontal flips, (n, 2, D), in the
         order of `idx` (both cached once per sample)."""
@@ -339,6 +386,8 @@ class FederatedData:
             }
             if domains[k] is not None:
                 row["domain"] = domains[k]
+            if self.dataset_names is not None:
+                row["dataset"] = self.client_dataset(k)
             clients.append(row)
         return {
             "dataset": getattr(self.source, "name", type(self.source).__name__),
@@ -347,6 +396,7 @@ class FederatedData:
             "classnames": self.all_classnames,
             # multi-label: the counts count each image once, by its rarest label
             "multilabel": self.multilabel,
+            **({} if self.dataset_names is None else {"datasets": self.dataset_names}),
             "clients": clients,
             "train_counts": train.tolist(),
             "test_counts": test.tolist(),

@@ -24,7 +24,7 @@ from torch import Tensor
 from fedclip.batch import Batch
 from fedclip.client import ClientModule, runtime_terms
 from fedclip.data.federated import FederatedData
-from fedclip.errors import ClientFailure, Stopped
+from fedclip.errors import ClientFailure, ConfigError, Stopped
 from fedclip.federation.records import ClientOutcome, Upload, failure_reason, tensor_bytes
 from fedclip.learners.base import make_learner
 from fedclip.metrics import client_metric
@@ -80,6 +80,16 @@ class ClientRuntime:
             multilabel_cfg=self.cfg.multilabel,
             client_id=k,
         )
+        own = self.data.client_classes(k)
+        if own is not None:  # e.g. ClassChunks: the client's own class list
+            names = self.data.all_classnames
+            try:
+                learner.set_classes([names[c] for c in own])
+            except (ConfigError, NotImplementedError) as e:
+                raise ConfigError(
+                    f"{e}, but every client of {self.data.partitioner!r} classifies among "
+                    "its own classes"
+                ) from None
         steps = self.steps_per_round(k)
         client = ClientModule(
             k, learner, self.clip, self.cfg.optim, self.data.num_train(k), steps,
@@ -102,6 +112,7 @@ class ClientRuntime:
         fed = self.cfg.federation
         budget = fed.local_steps
         epoch = 0
+        remap = self.data.train_label_map(k)  # labels -> positions in its class list
         while (budget is None and epoch < fed.local_epochs) or (budget is not None and budget > 0):
             seed = epoch_seed(self.cfg.seed, rnd, k, epoch)
             for batch in self.data.batches(k, "train", epoch_seed=seed):
@@ -109,6 +120,8 @@ class ClientRuntime:
                     if budget == 0:
                         break
                     budget -= 1
+                if remap is not None:
+                    batch.labels = remap.to(batch.labels.device)[batch.labels]
                 yield epoch, batch
             epoch += 1
 
@@ -226,6 +239,8 @@ class ClientRuntime:
         set (pooled over clients: the whole test set). Under base-to-novel, 'local' is among
         its own classes and 'base' / 'novel' are the global part on its share of the base
         and novel test images (the base share is the global split)."""
+        if self.data.dataset_names is not None:  # several data sets: per data set
+            return self.evaluate_datasets(k)
         if self.data.multilabel:
             local = self.predict_client(k)
             with self.global_pass(k):
@@ -241,9 +256,28 @@ class ClientRuntime:
                     "novel": self.evaluate_client_on(k, "novel", novel),
                 }
         every = list(range(len(self.data.classnames)))
-        local = self.evaluate_client_on(k, "test", every)
+        local = self.evaluate_client_on(k, "test", self.data.client_classes(k) or every)
         with self.global_pass(k):
             return {"local": local, "global": self.evaluate_client_on(k, "global", every)}
+
+    def evaluate_datasets(self, k: int) -> dict[str, Any]:
+        """`evaluate_one` over several data sets: 'local' (also as 'local/<its data set>')
+        among its own classes (or all training classes); the global part on its share of
+        each data set d's test images among d's classes: 'base/<d>' and 'novel/<d>' under
+        base-to-novel (d's base, resp. novel classes), else 'global/<d>' (all of d's)."""
+        data = self.data
+        own = data.client_classes(k) or data.train_classes.tolist()
+        local = self.evaluate_client_on(k, "test", own)
+        out = {"local": local}
+        if (name := data.client_dataset(k)) is not None:
+            out[f"local/{name}"] = local
+        kinds = ("base", "novel") if data.cfg.base_to_novel else ("global",)
+        with self.global_pass(k):
+            for d, name in enumerate(data.dataset_names):
+                for kind in kinds:
+                    classes = data.dataset_classes(d, "all" if kind == "global" else kind)
+                    out[f"{kind}/{name}"] = self.evaluate_client_on(k, f"{kind}/{name}", classes)
+        return out
 
     @contextlib.contextmanager
     def global_pass(self, k: int):
@@ -267,6 +301,10 @@ class ClientRuntime:
 
     @torch.no_grad()
     def evaluate_client(self, k: int) -> float:
+        own = self.data.client_classes(k)
+        if own is not None:  # its test labels are class ids, its classifier its own list
+            correct, total = self.evaluate_client_on(k, "test", own)
+            return correct / total if total else float("nan")
         client = self.clients[k]
         client.eval()
         client.accuracy.reset()

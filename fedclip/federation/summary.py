@@ -10,7 +10,12 @@ from dataclasses import asdict
 from typing import Any
 
 from fedclip.errors import FederationError
-from fedclip.metrics import accuracy_metrics, base_to_novel_metrics, multilabel_metrics
+from fedclip.metrics import (
+    DATASETS_CONVENTION,
+    accuracy_metrics,
+    base_to_novel_metrics,
+    multilabel_metrics,
+)
 from fedclip.privacy import DifferentialPrivacy
 
 
@@ -95,6 +100,11 @@ def run_summary(
             for k, v in final.items()
             if k.startswith("class/") and k.endswith("/ap")
         },
+        **(
+            {"datasets": {"names": part["datasets"], "metrics": DATASETS_CONVENTION}}
+            if part.get("datasets")
+            else {}
+        ),
         "traffic": {"up_bytes": total_up, "down_bytes": total_down},
         "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
         "config": {

@@ -162,6 +162,7 @@ class FlowerExecutor(Executor):
                 "seed": self.plain.get("seed", 0),
                 "classnames": first["classnames"],
                 "multilabel": bool(first["multilabel"]),
+                **({"datasets": first["datasets"]} if first.get("datasets") else {}),
                 "clients": [info[k]["row"] for k in ks],
                 "train_counts": [info[k]["train_counts"] for k in ks],
                 "test_counts": [info[k]["test_counts"] for k in ks],

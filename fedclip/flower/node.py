@@ -118,6 +118,7 @@ class NodeClient:
             "dataset": part["dataset"],
             "partitioner": part["partitioner"],
             "classnames": part["classnames"],
+            "datasets": part.get("datasets"),  # the member names over several data sets
             "multilabel": bool(self.data.multilabel),
             "base_to_novel": bool(self.data.cfg.base_to_novel),
         }

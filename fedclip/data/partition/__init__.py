@@ -12,6 +12,8 @@ ran before it. Every partitioner returns disjoint, sorted int64 index arrays, on
 - `Pathological`: each client sees only `classes_per_client` classes.
 - `FewShot`: any partition above, then at most `shots` samples per class per client.
 - `PathologicalFewShot`: C / num_clients disjoint classes per client, `shots` of each.
+- `ClassChunks`: each data set's classes cut into consecutive chunks, one client per chunk
+  (FedTPG), `shots` of each class; the number of clients follows from the data.
 
 Domain shift (the data set gives every sample a domain id, passed as `domains=`):
 
@@ -26,6 +28,7 @@ client's domain (or the held-out one). `partition_summary` counts the labels eac
 """
 
 from fedclip.data.partition.base import Partitioner
+from fedclip.data.partition.chunks import ClassChunks
 from fedclip.data.partition.domain import ByDomain, DomainDirichlet, LeaveOneDomainOut
 from fedclip.data.partition.label import IID, Dirichlet, TwoLevelDirichlet
 from fedclip.data.partition.pathological import FewShot, Pathological, PathologicalFewShot
@@ -34,6 +37,7 @@ from fedclip.data.partition.summary import partition_summary, split_like
 __all__ = [
     "IID",
     "ByDomain",
+    "ClassChunks",
     "Dirichlet",
     "DomainDirichlet",
     "FewShot",
