@@ -181,6 +181,13 @@ register(Method(
     learner_args={"n_ctx": 16, "rank": 8, "clip_norm": 10.0},
     strategy_args={"weighted": False}, tiny_args={"n_ctx": 4, "rank": 2},
 ))  # fmt: skip
+register(Method(
+    "cocoop", f"{L}.ConditionalPrompt", f"{S}.FedAvg", "cocoop_quickstart.yaml",
+    "a context shifted per image by a meta-net on the image feature (B x C text prompts "
+    "per step); FedAvg of the context and the meta-net",
+    "CoCoOp: Zhou et al., CVPR 2022", bench=True,
+    learner_args={"n_ctx": 4, "ctx_init": "a photo of a"}, tiny_args={"n_ctx": 4},
+))  # fmt: skip
 del L, S
 
 

@@ -1,6 +1,7 @@
 """Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
 
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.cocoop import ConditionalPrompt
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
@@ -12,6 +13,7 @@ from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
     "Batch",
+    "ConditionalPrompt",
     "FedMVP",
     "LowRankPersonalPrompt",
     "MixtureOfPrompts",
