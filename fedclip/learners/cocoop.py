@@ -18,6 +18,7 @@ only the C class suffixes run per image; images are processed `chunk` at a time.
 from __future__ import annotations
 
 from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -125,11 +126,6 @@ class ConditionalPrompt(TextualPrompt):
         raise NotImplementedError(
             "ConditionalPrompt: class features depend on the image (image_text_features(f))"
         )
-
-    # TEMPORARY until the backbone hooks land on main (TextualPrompt.encode_contexts):
-    # one shared-prefix pass per image.
-    def encode_contexts(self, ctxs: Tensor, chunk: int | None = None) -> Tensor:
-        return torch.stack([self.encode_context(c) for c in ctxs])
 
     # ---- the reference path (benchmarks) -----------------------------------------------
     def reference_image_text(self, ctxs: Tensor) -> Tensor:
