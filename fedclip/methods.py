@@ -182,6 +182,19 @@ register(Method(
     strategy_args={"weighted": False}, tiny_args={"n_ctx": 4, "rank": 2},
 ))  # fmt: skip
 register(Method(
+    "kgcoop", f"{L}.KnowledgeGuidedPrompt", f"{S}.FedAvg", "kgcoop_quickstart.yaml",
+    "one shared context (FedAvg, as PromptFL) pulled towards the frozen features of a "
+    "hand-crafted template by w (1 - mean cosine)",
+    "KgCoOp: Yao et al., CVPR 2023", bench=True,
+    learner_args={"n_ctx": 4, "ctx_init": "a photo of a", "w": 8.0}, tiny_args={"n_ctx": 4},
+))  # fmt: skip
+register(Method(
+    "adapter", f"{L}.AttentionAdapter", f"{S}.FedAvg", "adapter_quickstart.yaml",
+    "an attention adapter re-weighting the frozen image feature against frozen class texts "
+    "(FedCLIP); FedAvg of the adapter (~0.5 M parameters)",
+    "FedCLIP: Lu et al., arXiv 2302.13485 (2023)", paper="adapter_pacs.yaml", bench=True,
+))  # fmt: skip
+register(Method(
     "cocoop", f"{L}.ConditionalPrompt", f"{S}.FedAvg", "cocoop_quickstart.yaml",
     "a context shifted per image by a meta-net on the image feature (B x C text prompts "
     "per step); FedAvg of the context and the meta-net",

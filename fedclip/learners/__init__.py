@@ -1,9 +1,11 @@
 """Prompt learners: the methods fedclip implements, behind one contract (see base.py)."""
 
+from fedclip.learners.adapter import AttentionAdapter
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.cocoop import ConditionalPrompt
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
+from fedclip.learners.kgcoop import KnowledgeGuidedPrompt
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
 from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.otp import TransportPrompts
@@ -12,9 +14,11 @@ from fedclip.learners.pha import ProjectedLocalPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
+    "AttentionAdapter",
     "Batch",
     "ConditionalPrompt",
     "FedMVP",
+    "KnowledgeGuidedPrompt",
     "LowRankPersonalPrompt",
     "MixtureOfPrompts",
     "OptimConfig",
