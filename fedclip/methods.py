@@ -216,6 +216,13 @@ register(Method(
     "FedTPG: Qiu et al., ICLR 2024", bench=True,
     learner_args={"n_ctx": 4, "d_ctx": 1, "depth": 0},
 ))  # fmt: skip
+register(Method(
+    "cocoop", f"{L}.ConditionalPrompt", f"{S}.FedAvg", "cocoop_quickstart.yaml",
+    "a context shifted per image by a meta-net on the image feature (B x C text prompts "
+    "per step); FedAvg of the context and the meta-net",
+    "CoCoOp: Zhou et al., CVPR 2022", bench=True,
+    learner_args={"n_ctx": 4, "ctx_init": "a photo of a"}, tiny_args={"n_ctx": 4},
+))  # fmt: skip
 del L, S
 
 

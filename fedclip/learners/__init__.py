@@ -2,6 +2,7 @@
 
 from fedclip.learners.adapter import AttentionAdapter
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
+from fedclip.learners.cocoop import ConditionalPrompt
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
 from fedclip.learners.kgcoop import KnowledgeGuidedPrompt
@@ -18,6 +19,7 @@ from fedclip.learners.tpg import GeneratedPrompt, TextPromptGenerator
 __all__ = [
     "AttentionAdapter",
     "Batch",
+    "ConditionalPrompt",
     "CoupledPrompt",
     "FedMVP",
     "GeneratedPrompt",
