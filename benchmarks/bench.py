@@ -707,6 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sizes, steps=args.steps or sizes.steps, bf16=sizes.bf16 and not args.no_bf16
         )
     device = torch.device(args.device)
+    PEAKS.clear()  # measured again in every run (the rows store their run's peak)
     sections = set(args.sections.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
