@@ -359,7 +359,7 @@ def _speed_rows(model, method, fast, ref, diff, sizes, device) -> list[dict[str,
         "reference_fraction_of_peak": flops[1] / t_ref / peak["float32"],
     }
     log.info("%s %s: %.3fs vs %.3fs reference (%.1fx), bf16 %.3fs, max logit diff %.2e; "
-             "%.1f GFLOP, %.1f GFLOP/s = %.2f of the fp32 matmul peak",
+             "%.3g GFLOP, %.3g GFLOP/s = %.3f of the fp32 matmul peak",
              model, method, t_fast, t_ref, row["speedup"], t_bf16, diff, row["step_gflop"],
              row["achieved_gflops"], row["fraction_of_peak"])  # fmt: skip
     return [row]
@@ -595,10 +595,10 @@ def _floor_table(results: dict[str, Any]) -> list[str]:
         if "step_gflop" not in r:
             continue  # measured before the FLOP count existed
         lines.append(
-            f"| {r['model']} | {r['method']} | {_fmt(r['step_gflop'], '.2f')} | "
-            f"{_fmt(r['achieved_gflops'], '.1f')} | {_fmt(r['peak_fp32_gflops'], '.1f')} | "
+            f"| {r['model']} | {r['method']} | {_fmt(r['step_gflop'], '.3g')} | "
+            f"{_fmt(r['achieved_gflops'], '.3g')} | {_fmt(r['peak_fp32_gflops'], '.1f')} | "
             f"{_fmt(r['fraction_of_peak'], '.1%')} | {_fmt(r.get('bf16_fraction_of_peak'), '.1%')} | "
-            f"{_fmt(r.get('reference_gflop'), '.2f')} | "
+            f"{_fmt(r.get('reference_gflop'), '.3g')} | "
             f"{_fmt(r.get('reference_fraction_of_peak'), '.1%')} |"
         )
     return lines
