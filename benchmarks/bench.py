@@ -63,6 +63,7 @@ class Sizes:
     accuracy_backbone: str | None  # pretrained tag of the tiny model (None: random weights)
     accuracy_images: tuple[int, int]  # train, test images per class
     bf16: bool = True  # also time fedclip's step under bf16 autocast
+    peak_sides: tuple[int, ...] = (512, 1024, 2048)  # square matmuls timed (CPU; GPU: 4x)
 
 
 FULL = Sizes(
@@ -92,6 +93,7 @@ QUICK = Sizes(
     accuracy_rounds=1,
     accuracy_backbone=None,
     accuracy_images=(4, 2),
+    peak_sides=(256, 512),
 )
 
 
@@ -102,9 +104,39 @@ def class_names(n: int) -> list[str]:
     return names[:n]
 
 
-def timed(fn, steps: int, device: torch.device) -> float:
-    """Median seconds of fn() over `steps` runs after one warm-up run."""
-    fn()
+def count_flops(fn) -> int:
+    """The floating-point operations of one fn() call, forward and backward, as
+    `torch.utils.flop_counter.FlopCounterMode` counts them: matrix products, convolutions
+    and attention (2 per multiply-add; the CPU attention kernels added to torch's table);
+    element-wise work is not counted."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    counter = fc.FlopCounterMode(
+        display=False,
+        custom_mapping={  # the CPU kernels of scaled_dot_product_attention, not in torch's table
+            aten._scaled_dot_product_flash_attention_for_cpu: (
+                lambda q, k, v, *args, out_val=None, **kw: fc.sdpa_flop_count(q, k, v)
+            ),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+                lambda g, q, k, v, *args, out_val=None, **kw: fc.sdpa_backward_flop_count(
+                    g, q, k, v
+                )
+            ),
+        },
+    )
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def timed(fn, steps: int, device: torch.device, flops: list[int] | None = None) -> float:
+    """Median seconds of fn() over `steps` runs after one warm-up run; with `flops`, the
+    warm-up run's FLOP count (`count_flops`) is appended to it."""
+    if flops is None:
+        fn()
+    else:
+        flops.append(count_flops(fn))
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -115,6 +147,34 @@ def timed(fn, steps: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sides=(1024, 2048, 4096)) -> float:
+    """The device's measured matrix-multiply throughput in FLOP/s: square `dtype` products
+    of each side, best of a few timed repeats, the best side taken (2 n^3 FLOPs each)."""
+    best = 0.0
+    repeats = 1 if device.type == "cpu" else 20  # a GPU product is too short to time alone
+    for n in sides:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
+        t = timed(lambda a=a, b=b: [a @ b for _ in range(repeats)], 3, device) / repeats
+        best = max(best, 2 * n**3 / t)
+    log.info("%s %s matmul peak: %.1f GFLOP/s", device, dtype, best / 1e9)
+    return best
+
+
+PEAKS: dict[str, float] = {}  # this run's measured matmul peaks (FLOP/s) by dtype name
+
+
+def peaks(sizes: Sizes, device: torch.device) -> dict[str, float]:
+    """fp32 (and, with bf16 timing on, bf16) matmul peaks, measured once per run."""
+    if not PEAKS:
+        sides = sizes.peak_sides if device.type == "cpu" else [4 * n for n in sizes.peak_sides]
+        PEAKS["float32"] = matmul_peak(device, torch.float32, sides)
+        if sizes.bf16:
+            PEAKS["bfloat16"] = matmul_peak(device, torch.bfloat16, sides)
+    return PEAKS
 
 
 # ---- step speed: fedclip against the reference path ------------------------------------------
@@ -209,6 +269,9 @@ def merged(old: dict[str, Any], new: dict[str, Any], sections: set[str]) -> dict
     out["environment"], out["settings"], out["sizes"] = (
         new["environment"], new["settings"], new["sizes"]
     )  # fmt: skip
+    if "matmul_peak_gflops" in old.get("environment", {}) and "speed" not in sections:
+        out["environment"] = {**new["environment"],
+                              "matmul_peak_gflops": old["environment"]["matmul_peak_gflops"]}  # fmt: skip
     for key in ("speed", "memory", "traffic", "accuracy"):
         ran = key in sections or (key == "speed" and "speed_augment" in sections)
         if not ran:
@@ -265,12 +328,15 @@ def section_speed_augment(sizes: Sizes, device: torch.device) -> list[dict[str, 
 
 
 def _speed_rows(model, method, fast, ref, diff, sizes, device) -> list[dict[str, Any]]:
-    t_fast = timed(fast, sizes.steps, device)
-    t_ref = timed(ref, sizes.steps, device)
+    peak = peaks(sizes, device)
+    flops: list[int] = []  # counted on each path's warm-up step: fedclip's, the reference's
+    t_fast = timed(fast, sizes.steps, device, flops)
+    t_ref = timed(ref, sizes.steps, device, flops)
     t_bf16 = float("nan")
     if sizes.bf16:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             t_bf16 = timed(fast, sizes.steps, device)
+    bf16_peak = peak.get("bfloat16", float("nan"))
     row = {
         "model": model,
         "method": method,
@@ -282,9 +348,20 @@ def _speed_rows(model, method, fast, ref, diff, sizes, device) -> list[dict[str,
         "max_logit_diff": diff,
         "same_logits": diff <= 1e-3 * 100,  # logits are scaled by s = 100: 1e-3 in cosine
         "device": str(device),
+        # the distance to the floor: counted FLOPs over time, against this run's matmul peak
+        "step_gflop": flops[0] / 1e9,
+        "achieved_gflops": flops[0] / t_fast / 1e9,
+        "peak_fp32_gflops": peak["float32"] / 1e9,
+        "fraction_of_peak": flops[0] / t_fast / peak["float32"],
+        "bf16_fraction_of_peak": flops[0] / t_bf16 / bf16_peak,  # nan without bf16
+        "peak_bf16_gflops": bf16_peak / 1e9,
+        "reference_gflop": flops[1] / 1e9,
+        "reference_fraction_of_peak": flops[1] / t_ref / peak["float32"],
     }
-    log.info("%s %s: %.3fs vs %.3fs reference (%.1fx), bf16 %.3fs, max logit diff %.2e",
-             model, method, t_fast, t_ref, row["speedup"], t_bf16, diff)  # fmt: skip
+    log.info("%s %s: %.3fs vs %.3fs reference (%.1fx), bf16 %.3fs, max logit diff %.2e; "
+             "%.3g GFLOP, %.3g GFLOP/s = %.3f of the fp32 matmul peak",
+             model, method, t_fast, t_ref, row["speedup"], t_bf16, diff, row["step_gflop"],
+             row["achieved_gflops"], row["fraction_of_peak"])  # fmt: skip
     return [row]
 
 
@@ -475,6 +552,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return env
 
 
@@ -495,6 +573,35 @@ def plot_scaling(scaling: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """A number as `spec`, or '-' when absent (rows of older runs) or nan (not measured)."""
+    return "-" if value is None or value != value else format(value, spec)
+
+
+def _floor_table(results: dict[str, Any]) -> list[str]:
+    """The steps' counted FLOPs over their time, as a fraction of the matmul peak measured
+    in the row's own run (a merged table can hold rows of several runs)."""
+    peak = results["environment"].get("matmul_peak_gflops", {})
+    lines = ["", "## Local step against the matmul floor", "",
+             "Measured matmul peak of this run: "
+             + (", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in peak.items()) or "not measured")
+             + ". Each row uses the peak measured in its own run (column fp32 peak).", "",
+             "| model | method | GFLOP per step | GFLOP/s | fp32 peak (GFLOP/s) | of fp32 peak "
+             "| bf16 of bf16 peak | reference GFLOP | reference of fp32 peak |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["speed"]:
+        if "step_gflop" not in r:
+            continue  # measured before the FLOP count existed
+        lines.append(
+            f"| {r['model']} | {r['method']} | {_fmt(r['step_gflop'], '.3g')} | "
+            f"{_fmt(r['achieved_gflops'], '.3g')} | {_fmt(r['peak_fp32_gflops'], '.1f')} | "
+            f"{_fmt(r['fraction_of_peak'], '.1%')} | {_fmt(r.get('bf16_fraction_of_peak'), '.1%')} | "
+            f"{_fmt(r.get('reference_gflop'), '.3g')} | "
+            f"{_fmt(r.get('reference_fraction_of_peak'), '.1%')} |"
+        )
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -523,6 +630,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
             + f" | {r['max_logit_diff']:.1e} |"
         )
+    lines += _floor_table(results)
     lines += ["", "## Peak memory against the number of clients", "",
               "| model | clients | peak RSS (MB) | ratio to 1 client |", "|---|---|---|---|"]  # fmt: skip
     for r in results["memory"]:
@@ -599,6 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sizes, steps=args.steps or sizes.steps, bf16=sizes.bf16 and not args.no_bf16
         )
     device = torch.device(args.device)
+    PEAKS.clear()  # measured again in every run (the rows store their run's peak)
     sections = set(args.sections.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -615,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else {"clients": {}, "classes": {}},
         "accuracy": section_accuracy(sizes) if "accuracy" in sections else [],
     }
+    if PEAKS:  # measured by the speed sections, in this run
+        results["environment"]["matmul_peak_gflops"] = {k: v / 1e9 for k, v in PEAKS.items()}
     previous = out / "results.json"
     if args.merge and previous.exists():
         results = merged(json.loads(previous.read_text()), results, sections)

@@ -64,3 +64,58 @@ def test_methods_option_refuses_an_unknown_name():
 
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         bench.main(["--methods", "nope", "--sections", "traffic"])
+
+
+def test_flop_count_is_the_hand_count():
+    """One linear layer, forward and backward, on an input that needs no gradient:
+    forward x W^T (B x I x O multiply-adds) and the weight gradient g^T x (the same count),
+    2 FLOPs per multiply-add; no input gradient, element-wise work not counted."""
+    import torch
+
+    b, i, o = 3, 4, 5
+    layer = torch.nn.Linear(i, o, bias=False)
+    x = torch.randn(b, i)
+    assert bench.count_flops(lambda: layer(x).sum().backward()) == 2 * (2 * b * i * o)
+    y = torch.randn(b, i, requires_grad=True)  # now the input gradient g W as well
+    assert bench.count_flops(lambda: layer(y).sum().backward()) == 3 * (2 * b * i * o)
+    # attention softmax(q k^T) v over L queries and S keys of width E: 2 L S E twice
+    q, k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 7, 8), torch.randn(1, 1, 7, 8)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    assert bench.count_flops(lambda: attend(q, k, v)) == 2 * (2 * 6 * 7 * 8)
+
+
+def test_speed_rows_carry_the_fraction_of_the_matmul_peak(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(bench, "PEAKS", {})
+    sizes = bench.Sizes(**{**bench.QUICK.__dict__, "bf16": False, "peak_sides": (64,)})
+    clip, images, labels = bench._inputs("fedclip-tiny-vit", sizes, torch.device("cpu"))
+    fast, ref, diff = bench.bench_method("promptfl", clip, sizes, images, labels)
+    (row,) = bench._speed_rows("tiny", "promptfl", fast, ref, diff, sizes, torch.device("cpu"))
+    # C classes x (the text encoder's FLOPs) and more: at least the logits' B x D x C products
+    assert row["step_gflop"] * 1e9 >= 2 * sizes.batch * clip.embed_dim * sizes.num_classes
+    assert row["achieved_gflops"] == pytest.approx(row["step_gflop"] / row["fedclip_step_s"])
+    assert row["fraction_of_peak"] == pytest.approx(
+        row["achieved_gflops"] / row["peak_fp32_gflops"]
+    )
+    assert row["peak_fp32_gflops"] == bench.PEAKS["float32"] / 1e9 > 0
+    results = {"environment": {"device": "cpu", "cpu_threads": 1, "torch": "t", "open_clip": "o",
+               "python": "p", "matmul_peak_gflops": {"float32": row["peak_fp32_gflops"]}},
+               "settings": "quick", "speed": [row], "memory": [], "traffic": [],
+               "scaling": {"clients": {}, "classes": {}}, "accuracy": []}  # fmt: skip
+    text = bench.markdown(results)
+    assert "of fp32 peak" in text and f"{row['fraction_of_peak']:.1%}" in text
+    assert "float32" in text  # the environment line names the measured peak
+
+
+def test_merge_keeps_each_rows_own_peak():
+    old = {"environment": {"device": "cpu", "matmul_peak_gflops": {"float32": 10.0}},
+           "settings": "full", "sizes": {},
+           "speed": [{"model": "m", "method": "coop", "peak_fp32_gflops": 10.0}]}  # fmt: skip
+    new = {"environment": {"device": "cpu", "matmul_peak_gflops": {"float32": 20.0}},
+           "settings": "full", "sizes": {}, "memory": [], "traffic": [], "accuracy": [],
+           "speed": [{"model": "m", "method": "promptfl", "peak_fp32_gflops": 20.0}],
+           "scaling": {"clients": {}, "classes": {}}}  # fmt: skip
+    out = bench.merged(old, new, {"speed"})
+    assert [r["peak_fp32_gflops"] for r in out["speed"]] == [10.0, 20.0]
+    assert out["environment"]["matmul_peak_gflops"] == {"float32": 20.0}

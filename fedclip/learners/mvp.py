@@ -147,13 +147,13 @@ class PromptFormer(nn.Module):
         h, dh = self.heads, v // self.heads
         a = self.proj(attributes.to(self.proj.weight.dtype))  # (M, V)
         m = a.shape[0]
-        q = self.q(patches, lora).view(b, n, h, dh).transpose(1, 2)  # (B, h, N, dh)
-        # keys and values are the same for every image: compute them once, then broadcast
+        q = self.q(patches, lora).view(b * n, h, dh).transpose(0, 1)  # (h, B N, dh)
+        # keys and values are the same for every image: computed once, and every image's
+        # queries attend to them as one sequence of B N queries per head (no broadcast copy)
         k = self.k(a, lora).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
         val = self.v(a, lora).view(m, h, dh).transpose(0, 1)  # (h, M, dh)
-        k, val = k.expand(b, -1, -1, -1), val.expand(b, -1, -1, -1)  # (B, h, M, dh)
-        x = F.scaled_dot_product_attention(q, k, val)  # (B, h, N, dh)
-        x = self.out(x.transpose(1, 2).reshape(b, n, v))  # (B, N, V)
+        x = F.scaled_dot_product_attention(q, k, val)  # (h, B N, dh)
+        x = self.out(x.transpose(0, 1).reshape(b, n, v))  # (B, N, V)
         x = x + self.ffn(x)
         return F.adaptive_avg_pool1d(x.transpose(1, 2), self.num_prompts).transpose(1, 2)
 
