@@ -59,6 +59,19 @@ def test_zero_length_visual_prompts_equal_the_plain_tower(family):
     torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
 
 
+def _own_stack(clip, images, prompts):
+    """Prompts appended before the pre-norm, then the tower's own block stack (open_clip's
+    Transformer.forward, timm's blocks / Eva's forward_features), its own pooling."""
+    visual = clip.model.visual
+    tokens = clip.patch_tokens(images)
+    keep = tokens.tokens.shape[1]
+    x = torch.cat([tokens.tokens, prompts.expand(len(images), -1, -1)], 1)
+    if hasattr(visual, "trunk"):  # timm: fedclip's shallow path runs the trunk's own stack
+        return clip.encode_image(images, prompts=prompts)
+    x = visual.transformer(visual.ln_pre(x))
+    return torch.nn.functional.normalize(clip._pool_head("openclip", x[:, :keep]), dim=-1)
+
+
 @pytest.mark.parametrize("family", TOKEN_FAMILIES, ids=lambda f: f.tiny)
 def test_deep_visual_prompts_equal_blocks_with_their_rows_replaced(family):
     clip = _clip(family.tiny)
@@ -69,8 +82,8 @@ def test_deep_visual_prompts_equal_blocks_with_their_rows_replaced(family):
     deep = [torch.randn(p, v, generator=gen) for _ in range(clip.vision_layers - 1)]
     got = clip.encode_image(images, prompts=shallow, deep=deep)
     handles = [_replace_rows(b, d) for b, d in zip(list(_blocks(clip))[1:], deep, strict=True)]
-    try:  # the shallow path runs the tower's own block stack; the hooks replace the rows
-        want = clip.encode_image(images, prompts=shallow)
+    try:  # the tower's own block stack; the hooks replace the rows
+        want = _own_stack(clip, images, shallow)
     finally:
         for h in handles:
             h.remove()

@@ -39,6 +39,40 @@ class VisualTokens:
         return self.tokens[:, self.num_prefix :]
 
 
+def _openclip_block(block, x: Tensor) -> Tensor:
+    """open_clip's ResidualAttentionBlock on batch-first x (B, L, V), as its forward computes
+    it, with the attention's projections applied to x as it lies in memory.
+
+    nn.MultiheadAttention(batch_first=True) transposes its input to (L, B, V); with a
+    gradient to carry (prompts), its in-projection then runs as a batched product over a
+    broadcast weight plus copies, in the forward and again in the backward (about half the
+    matmul rate on CPUs). Here the same affine maps and the same scaled dot-product
+    attention run on (B, L, V) directly. Blocks of another kind (custom attention, masks,
+    cross-attention inputs) run their own forward.
+    """
+    attn = getattr(block, "attn", None)
+    plain = (
+        type(block) is open_clip.transformer.ResidualAttentionBlock
+        and type(attn) is torch.nn.MultiheadAttention
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and attn.dropout == 0.0
+        and not hasattr(block, "ln_1_kv")
+    )
+    if not plain:
+        return block(x)
+    b, n, v = x.shape
+    h = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3V)
+    q, k, val = qkv.view(b, n, 3, h, v // h).permute(2, 0, 3, 1, 4)  # each (B, h, L, V/h)
+    y = F.scaled_dot_product_attention(q, k, val)  # (B, h, L, V/h)
+    y = F.linear(y.transpose(1, 2).reshape(b, n, v), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(y)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class VisionPath:
     """FrozenCLIP's image methods (a mixin: needs `self.model`, `self.name` and the
     counter `self.images_encoded`)."""
@@ -182,8 +216,12 @@ class VisionPath:
             if p:
                 x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B, L + P, V)
         blocks = self._blocks(kind)
-        if kind == "openclip" and not deep:
-            return visual.transformer(x)
+        if kind == "openclip":  # block by block: attention on the batch-first tokens as they are
+            for i, block in enumerate(blocks):
+                if 1 <= i <= len(deep):  # deep prompts: hidden states of the prompt slots
+                    x = torch.cat([x[:, : x.shape[1] - p], deep[i - 1].to(x.dtype)], dim=1)
+                x = _openclip_block(block, x)
+            return x
         if kind == "vit" and not deep:
             return visual.trunk.blocks(x)
         rope = tokens.rope
