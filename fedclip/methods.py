@@ -181,6 +181,21 @@ register(Method(
     learner_args={"n_ctx": 16, "rank": 8, "clip_norm": 10.0},
     strategy_args={"weighted": False}, tiny_args={"n_ctx": 4, "rank": 2},
 ))  # fmt: skip
+register(Method(
+    "ivlp", f"{L}.VisionLanguagePrompt", f"{S}.FedAvg", "ivlp_quickstart.yaml",
+    "independent text and visual prompt tokens, deep in both towers (MaPLe's IVLP "
+    "baseline); FedAvg of all of them",
+    "IVLP: Khattak et al., CVPR 2023 (MaPLe's baseline)", bench=True,
+    learner_args={"n_ctx": 2, "n_vision": 2, "text_depth": 12, "vision_depth": 12},
+    tiny_args={"text_depth": 2, "vision_depth": 2},
+))  # fmt: skip
+register(Method(
+    "maple", f"{L}.CoupledPrompt", f"{S}.FedAvg", "maple_quickstart.yaml",
+    "a deep text prompt whose every layer is mapped linearly into visual prompts; FedAvg of "
+    "the prompts and the couplings (about 3.56 M values at ViT-B/16)",
+    "MaPLe: Khattak et al., CVPR 2023", bench=True,
+    learner_args={"n_ctx": 2, "prompt_depth": 9}, tiny_args={"prompt_depth": 2},
+))  # fmt: skip
 del L, S
 
 

@@ -3,7 +3,9 @@
 from fedclip.learners.base import Batch, OptimConfig, PromptLearner
 from fedclip.learners.dpfpl import PrivateLowRankPrompt
 from fedclip.learners.folio import PromptPortfolio
+from fedclip.learners.maple import CoupledPrompt
 from fedclip.learners.moap import MixtureOfPrompts, PromptGating
+from fedclip.learners.multimodal import VisionLanguagePrompt
 from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
@@ -12,6 +14,7 @@ from fedclip.learners.textual import TextualPrompt, ZeroShot
 
 __all__ = [
     "Batch",
+    "CoupledPrompt",
     "FedMVP",
     "LowRankPersonalPrompt",
     "MixtureOfPrompts",
@@ -24,5 +27,6 @@ __all__ = [
     "PromptPortfolio",
     "TextualPrompt",
     "TransportPrompts",
+    "VisionLanguagePrompt",
     "ZeroShot",
 ]
