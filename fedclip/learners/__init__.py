@@ -10,7 +10,9 @@ from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
+from fedclip.learners.promptsrc import SelfRegulatingPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
+from fedclip.learners.vpt import VisualPromptTuning
 
 __all__ = [
     "Batch",
@@ -22,11 +24,13 @@ __all__ = [
     "PromptFormer",
     "PromptGating",
     "ProjectedLocalPrompt",
+    "SelfRegulatingPrompt",
     "PrivateLowRankPrompt",
     "PromptLearner",
     "PromptPortfolio",
     "TextualPrompt",
     "TransportPrompts",
     "VisionLanguagePrompt",
+    "VisualPromptTuning",
     "ZeroShot",
 ]
