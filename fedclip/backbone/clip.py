@@ -4,6 +4,9 @@ Every simulated client shares the same instance: the backbone is never copied an
 trained. Learners reach it through `tokenize`, `token_embedding`, `encode_prompted_text`
 (exact truncation, METHODS.md section 0), `encode_image` (optionally with extra visual prompt
 tokens), `encode_dense` (every image token in the joint space) and the frozen feature caches.
+Visual prompts may be shallow or deep and go in before or after the pre-norm; deep text
+prompts and one context per image (CoCoOp) go through the exact shared-prefix path where
+the tower allows it.
 The methods live in one mixin per path (text.py, vision.py, dense.py, cache.py); this module
 holds the model, its sizes and the process-wide loader.
 """

@@ -73,7 +73,9 @@ class DensePath:
             x = self._resnet_dense(images)
         else:
             tokens = self._patch_tokens(images, kind)
-            hidden = self._run_blocks(kind, tokens, tokens.tokens, 0)  # (B, n_pre + M, V)
+            hidden = self._run_blocks(
+                kind, tokens, tokens.tokens, None, [], False
+            )  # (B, n_pre + M, V)
             pooled = self._pool_head(kind, hidden)  # (B, D)
             patches = self._project_tokens(kind, hidden[:, tokens.num_prefix :])  # (B, M, D)
             x = torch.cat([pooled.unsqueeze(1), patches], dim=1)  # (B, 1 + M, D)

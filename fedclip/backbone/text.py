@@ -124,14 +124,48 @@ class TextPath:
         """(N, L) token ids -> (N, L, W) input embeddings of the frozen text tower."""
         return self.text.token_embedding(tokens)
 
+    @property
+    def text_layers(self) -> int:
+        """The number of blocks of the text transformer (the deepest prompt depth)."""
+        return len(self._text_blocks())
+
+    def _text_blocks(self) -> list:
+        transformer = self.text.transformer
+        blocks = getattr(transformer, "resblocks", None)
+        if blocks is None or not getattr(transformer, "batch_first", False):
+            raise BackboneError(
+                f"{self.name}: its text transformer ({type(transformer).__name__}) is not a "
+                "batch-first stack of blocks, so deep text prompts cannot be injected"
+            )
+        return list(blocks)
+
+    def _check_deep(self, deep: Sequence[Tensor]) -> list[Tensor]:
+        deep = list(deep)
+        layers = len(self._text_blocks())
+        if len(deep) > layers - 1:
+            raise ValueError(
+                f"{len(deep)} deep text prompt layers, but {self.name}'s text tower has "
+                f"{layers} blocks (at most {layers - 1} after the first)"
+            )
+        return deep
+
     def encode_prompted_text(
-        self, embeds: Tensor, tokens: Tensor, normalize: bool = True, truncate: bool = True
+        self,
+        embeds: Tensor,
+        tokens: Tensor,
+        normalize: bool = True,
+        truncate: bool = True,
+        deep: Sequence[Tensor] | None = None,
+        deep_pos: Tensor | None = None,
     ) -> Tensor:
         """Encode token embeddings in which some rows were replaced by learned prompts.
 
         embeds: (N, L, W) input embeddings; tokens: (N, L) the token ids that say where each
         sequence's pooled (EOT) token sits. With a causal tower, positions after the last EOT
         never influence it, so the sequences are cut to max(EOT) + 1 first (exact).
+        deep: deep text prompts, one (n, W) or (N, n, W) tensor per block 1 .. len(deep)
+        (0-based): before that block the hidden states at `deep_pos` (N, n), the context's
+        positions, are replaced by it (no position embedding: they are hidden states).
         """
         tower = self.text
         pool_at = tower.pool_index(tokens)  # (N,)
@@ -141,7 +175,20 @@ class TextPath:
         cast = tower.transformer.get_cast_dtype()
         x = embeds[:, :length].to(cast) + tower.positional_embedding[:length].to(cast)
         mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
-        x = tower.transformer(x, attn_mask=mask)  # (N, length, W)
+        if not deep:
+            x = tower.transformer(x, attn_mask=mask)  # (N, length, W)
+            return self._pool_project(x, pool_at, normalize)
+        deep = self._check_deep(deep)
+        if deep_pos is None:
+            raise ValueError("deep text prompts need deep_pos, the context positions (N, n)")
+        n, w = x.shape[0], x.shape[-1]
+        index = deep_pos.to(x.device).unsqueeze(-1).expand(n, -1, w)  # (N, n, W)
+        for i, block in enumerate(self._text_blocks()):
+            if 1 <= i <= len(deep):
+                rows = deep[i - 1].to(x.dtype)
+                rows = rows.expand(n, -1, -1) if rows.dim() == 2 else rows  # (N, n, W)
+                x = x.scatter(1, index, rows)
+            x = block(x, attn_mask=mask)
         return self._pool_project(x, pool_at, normalize)
 
     def _pool_project(self, x: Tensor, pool_at: Tensor, normalize: bool) -> Tensor:
@@ -161,7 +208,12 @@ class TextPath:
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_shared_prefix(
-        self, prefix: Tensor, suffix: Tensor, suffix_tokens: Tensor, normalize: bool = True
+        self,
+        prefix: Tensor,
+        suffix: Tensor,
+        suffix_tokens: Tensor,
+        normalize: bool = True,
+        deep: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Encode N sequences that all start with the same P input embeddings.
 
@@ -172,33 +224,73 @@ class TextPath:
         attends to their keys and values layer by layer, as in the full sequence: the same
         features as `encode_prompted_text` on the concatenation, to float rounding, for a
         fraction of the work and activation memory. Needs `text.shared_prefix`.
+        deep: deep text prompts, one (n, W) tensor per block 1 .. len(deep): before that
+        block the prefix's last n rows (the context) are replaced by it; the prefix stays
+        class-independent at every layer, so this is exact too.
+        """
+        return self.encode_shared_prefixes(
+            prefix.unsqueeze(0), suffix, suffix_tokens, normalize, deep
+        )[0]
+
+    def encode_shared_prefixes(
+        self,
+        prefixes: Tensor,
+        suffix: Tensor,
+        suffix_tokens: Tensor,
+        normalize: bool = True,
+        deep: Sequence[Tensor] | None = None,
+        chunk: int | None = None,
+    ) -> Tensor:
+        """`encode_shared_prefix` for G prefixes at once (CoCoOp: one context per image).
+
+        prefixes: (G, P, W); suffix: (C, S, W) and suffix_tokens (C, S), the same C suffixes
+        after every prefix -> (G, C, D): the G prefixes run once, as a batch, and each of the
+        G*C suffixes attends to its own prefix's keys and values. deep: one (n, W) or
+        (G, n, W) tensor per block 1 .. len(deep) replacing the prefixes' last n rows.
+        chunk: prefixes per piece (bounds the G*C suffix activations held at once).
         """
         tower = self.text
         if not tower.shared_prefix:
             raise BackboneError(f"{self.name}: its text tower has no exact shared-prefix path")
-        p = prefix.shape[0]
-        pool_at = tower.pool_index(suffix_tokens)  # (N,) inside the suffix
+        deep = self._check_deep(deep or [])
+        g, p, _ = prefixes.shape
+        c = suffix.shape[0]
+        pool_at = tower.pool_index(suffix_tokens)  # (C,) inside the suffix
         s = int(pool_at.max()) + 1  # nothing after the last EOT reaches any EOT
         cast = tower.transformer.get_cast_dtype()
         pos = tower.positional_embedding.to(cast)
-        xp = (prefix.to(cast) + pos[:p]).unsqueeze(0)  # (1, P, W)
-        xs = suffix[:, :s].to(cast) + pos[p : p + s]  # (N, S, W)
         full = tower.attn_mask[: p + s, : p + s]
         mask_p = full[:p, :p]
         mask_s = full[p : p + s, : p + s]  # suffix rows: all of the prefix, causal within
-        for block in tower.transformer.resblocks:
-            hp, hs = block.ln_1(xp), block.ln_1(xs)
-            xs = xs + block.ls_1(self._suffix_attention(block.attn, hp, hs, mask_s))
-            xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
-            xp = block(xp, attn_mask=mask_p)
-        return self._pool_project(xs, pool_at, normalize)
+        xs0 = suffix[:, :s].to(cast) + pos[p : p + s]  # (C, S, W)
+        step = g if not chunk else max(1, int(chunk))
+        out = []
+        for a in range(0, g, step):
+            piece = prefixes[a : a + step]
+            b = piece.shape[0]
+            xp = piece.to(cast) + pos[:p]  # (b, P, W)
+            xs = xs0.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * c, s, -1)  # (b*C, S, W)
+            for i, block in enumerate(tower.transformer.resblocks):
+                if 1 <= i <= len(deep):
+                    rows = deep[i - 1].to(cast)
+                    rows = rows[a : a + step] if rows.dim() == 3 else rows.expand(b, -1, -1)
+                    n = rows.shape[1]
+                    xp = torch.cat([xp[:, : p - n], rows], dim=1)  # (b, P, W)
+                hp, hs = block.ln_1(xp), block.ln_1(xs)
+                xs = xs + block.ls_1(self._suffix_attention(block.attn, hp, hs, mask_s))
+                xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+                xp = block(xp, attn_mask=mask_p)
+            feats = self._pool_project(xs, pool_at.repeat(b), normalize)  # (b*C, D)
+            out.append(feats.view(b, c, -1))
+        return torch.cat(out)  # (G, C, D)
 
     @staticmethod
     def _suffix_attention(attn: nn.MultiheadAttention, hp: Tensor, hs: Tensor, mask: Tensor):
-        """Multi-head attention of the suffixes hs (N, S, W) over [prefix; own suffix], with
-        open_clip's weights; the prefix hp (1, P, W) is projected to keys and values once,
-        not once per sequence."""
+        """Multi-head attention of the suffixes hs (G*n, S, W) over [own prefix; own
+        suffix], with open_clip's weights; each of the G prefixes hp (G, P, W) is projected
+        to keys and values once, not once per sequence."""
         n, s, w = hs.shape
+        g, p = hp.shape[0], hp.shape[1]
         h = attn.num_heads
         dh = w // h
         weight, bias = attn.in_proj_weight, attn.in_proj_bias
@@ -208,10 +300,13 @@ class TextPath:
         def heads(x: Tensor) -> Tensor:  # (B, L, W) -> (B, h, L, dh)
             return x.view(x.shape[0], x.shape[1], h, dh).transpose(1, 2)
 
+        def per_sequence(x: Tensor) -> Tensor:  # (G, h, P, dh) -> (G*n/G, h, P, dh)
+            return x.unsqueeze(1).expand(g, n // g, h, p, dh).reshape(n, h, p, dh)
+
         q = heads(F.linear(hs, wq, bq))  # (N, h, S, dh)
-        kp, vp = heads(F.linear(hp, wk, bk)), heads(F.linear(hp, wv, bv))  # (1, h, P, dh)
-        k = torch.cat([kp.expand(n, -1, -1, -1), heads(F.linear(hs, wk, bk))], dim=2)
-        v = torch.cat([vp.expand(n, -1, -1, -1), heads(F.linear(hs, wv, bv))], dim=2)
+        kp, vp = heads(F.linear(hp, wk, bk)), heads(F.linear(hp, wv, bv))  # (G, h, P, dh)
+        k = torch.cat([per_sequence(kp), heads(F.linear(hs, wk, bk))], dim=2)
+        v = torch.cat([per_sequence(vp), heads(F.linear(hs, wv, bv))], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (N,h,S,dh)
         return attn.out_proj(out.transpose(1, 2).reshape(n, s, w))
 

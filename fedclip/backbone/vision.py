@@ -144,23 +144,60 @@ class VisionPath:
         identity = torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)  # (.., p, 2R)
         return torch.cat([rope, identity], dim=-2)
 
-    def _run_blocks(self, kind: str, tokens: VisualTokens, x: Tensor, p: int) -> Tensor:
-        """The tower's pre-norm and blocks over x (B, L, V), whose last p rows are prompts
-        (EVA: they get identity rotary rows) -> the last block's output (B, L, V)."""
+    def _blocks(self, kind: str) -> list:
+        """The vision tower's blocks, in order (each takes and returns (B, L, V))."""
         visual = self.model.visual
         if kind == "openclip":
-            return visual.transformer(visual.ln_pre(x))
-        trunk = visual.trunk
-        x = trunk.norm_pre(x)
-        if kind == "vit":
-            return trunk.blocks(x)
+            transformer = visual.transformer
+            if not getattr(transformer, "batch_first", True):
+                raise BackboneError(f"{self.name}: its vision transformer is not batch-first")
+            return list(transformer.resblocks)
+        return list(visual.trunk.blocks)
+
+    @property
+    def vision_layers(self) -> int:
+        """The number of blocks of the vision transformer (the deepest prompt depth)."""
+        return len(self._blocks(self._token_kind()))
+
+    def _run_blocks(
+        self,
+        kind: str,
+        tokens: VisualTokens,
+        x: Tensor,
+        prompts: Tensor | None,
+        deep: list[Tensor],
+        after_norm: bool,
+    ) -> Tensor:
+        """The tower's pre-norm and blocks over the image's tokens x (B, L, V) with the
+        prompts (B, P, V) appended (before the pre-norm, or after it with `after_norm`) and,
+        before block i = 1 .. len(deep), the prompt rows replaced by deep[i - 1] (B, P, V)
+        (EVA: the prompts get identity rotary rows) -> the last block's output (B, L + P, V)."""
+        visual = self.model.visual
+        norm = visual.ln_pre if kind == "openclip" else visual.trunk.norm_pre
+        p = 0 if prompts is None else int(prompts.shape[1])
+        if p and not after_norm:
+            x = norm(torch.cat([x, prompts.to(x.dtype)], dim=1))  # (B, L + P, V)
+        else:
+            x = norm(x)
+            if p:
+                x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B, L + P, V)
+        blocks = self._blocks(kind)
+        if kind == "openclip" and not deep:
+            return visual.transformer(x)
+        if kind == "vit" and not deep:
+            return visual.trunk.blocks(x)
         rope = tokens.rope
         if rope is not None and p:
             rope = self._identity_rope(rope, p)
         # per-depth rope ('mixed'): one table per block, as in Eva.forward_features
-        mixed = rope is not None and getattr(trunk, "rope_mixed", False)
-        for i, block in enumerate(trunk.blocks):
-            x = block(x, rope=rope[i] if mixed else rope)
+        mixed = rope is not None and getattr(visual.trunk, "rope_mixed", False)
+        for i, block in enumerate(blocks):
+            if 1 <= i <= len(deep):  # deep prompts: hidden states of the prompt slots
+                x = torch.cat([x[:, : x.shape[1] - p], deep[i - 1].to(x.dtype)], dim=1)
+            if kind == "eva":
+                x = block(x, rope=rope[i] if mixed else rope)
+            else:
+                x = block(x)
         return x
 
     def _pool_head(self, kind: str, x: Tensor) -> Tensor:
@@ -174,46 +211,78 @@ class VisionPath:
         # trunk.norm is per token, so dropping prompts before it changes nothing
         return visual.head(trunk.forward_head(trunk.norm(x)))  # (B, D)
 
+    @staticmethod
+    def _per_image(prompts: Tensor, b: int, v: int, what: str) -> Tensor:
+        """Prompts (P, V) broadcast over the batch, or (B, P, V) as they are -> (B, P, V)."""
+        if prompts.dim() == 2:
+            prompts = prompts.unsqueeze(0).expand(b, -1, -1)
+        if prompts.dim() != 3 or prompts.shape[0] != b or prompts.shape[2] != v:
+            raise ValueError(
+                f"{what} must be (P, V={v}) or (B={b}, P, V={v}), got {tuple(prompts.shape)}"
+            )
+        return prompts
+
     def encode_image_tokens(
         self,
         tokens: VisualTokens,
         prompts: Tensor | None = None,
         normalize: bool = True,
+        deep: list[Tensor] | tuple[Tensor, ...] | None = None,
+        after_norm: bool = False,
     ) -> Tensor:
-        """`patch_tokens` output plus visual prompts (B, P, V) -> (B, D) image features.
+        """`patch_tokens` output plus visual prompts -> (B, D) image features.
 
-        The prompts are appended after all tokens, with no position embedding (EVA: identity
-        rotary rows), and go through the pre-norm and the blocks with the image's tokens.
-        Their outputs are then dropped, so the tower's own pooling (class token, average or
-        MAP head, with its final norm) pools exactly the tokens it pools without prompts; the
-        prompts act through attention (VPT's convention). Then the tower's head/projection.
-        With no prompts this equals `encode_image`. Differentiable w.r.t. the prompts only:
-        no backbone parameter requires a gradient.
+        prompts: (P, V), the same for every image, or (B, P, V). They are appended after all
+        tokens, with no position embedding (EVA: identity rotary rows), before the tower's
+        pre-norm (MaPLe, IVLP, VPT) or, with `after_norm`, after it (FedTPG's VLP), and go
+        through the blocks with the image's tokens. deep: deep prompts, one (P, V) or
+        (B, P, V) tensor per block 1 .. len(deep) (0-based): before that block the P prompt
+        rows are replaced by it (hidden states: no norm, no position). The prompt outputs
+        are then dropped, so the tower's own pooling (class token, average or MAP head, with
+        its final norm) pools exactly the tokens it pools without prompts; the prompts act
+        through attention (VPT's convention). Then the tower's head/projection. With no
+        prompts this equals `encode_image`. Differentiable w.r.t. the prompts only: no
+        backbone parameter requires a gradient.
         """
         kind = self._token_kind()
         x = tokens.tokens
         b, _, v = x.shape
         self.images_encoded += int(b)
-        p = 0
+        deep = list(deep or [])
         if prompts is not None:
-            if prompts.dim() != 3 or prompts.shape[0] != b or prompts.shape[2] != v:
+            prompts = self._per_image(prompts, b, v, "visual prompts")
+        elif deep:
+            raise ValueError("deep visual prompts need prompts at the input")
+        p = 0 if prompts is None else int(prompts.shape[1])
+        if deep:
+            layers = len(self._blocks(kind))
+            if len(deep) > layers - 1:
                 raise ValueError(
-                    f"visual prompts must be (B={b}, P, V={v}), got {tuple(prompts.shape)}"
+                    f"{len(deep)} deep visual prompt layers, but {self.name}'s vision tower has "
+                    f"{layers} blocks (at most {layers - 1} after the first)"
                 )
-            p = int(prompts.shape[1])
-            x = torch.cat([x, prompts.to(x.dtype)], dim=1)  # (B, n_pre + N + P, V)
-        keep = x.shape[1] - p  # the tower's own tokens: the prompt outputs are not pooled
-        x = self._run_blocks(kind, tokens, x, p)
+            deep = [self._per_image(d, b, v, "deep visual prompts") for d in deep]
+            if any(d.shape[1] != p for d in deep):
+                raise ValueError(f"deep visual prompts must have P={p} tokens like the input's")
+        keep = x.shape[1]  # the tower's own tokens: the prompt outputs are not pooled
+        x = self._run_blocks(kind, tokens, x, prompts, deep, after_norm)
         x = self._pool_head(kind, x[:, :keep])
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_image(
-        self, images: Tensor, prompts: Tensor | None = None, normalize: bool = True
+        self,
+        images: Tensor,
+        prompts: Tensor | None = None,
+        normalize: bool = True,
+        deep: list[Tensor] | tuple[Tensor, ...] | None = None,
+        after_norm: bool = False,
     ) -> Tensor:
         """(B, 3, H, W) -> (B, D) image features. Without prompts, the tower's own forward;
-        `prompts` (B, P, V) are injected as visual prompt tokens (see `encode_image_tokens`)."""
-        if prompts is None:
+        with `prompts` (and `deep`), visual prompt tokens (see `encode_image_tokens`)."""
+        if prompts is None and not deep:
             self.images_encoded += int(images.shape[0])
             x = self.model.visual(images)
             return F.normalize(x, dim=-1) if normalize else x
-        return self.encode_image_tokens(self.patch_tokens(images), prompts, normalize)
+        return self.encode_image_tokens(
+            self.patch_tokens(images), prompts, normalize, deep=deep, after_norm=after_norm
+        )

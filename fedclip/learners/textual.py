@@ -211,18 +211,51 @@ class TextualPrompt(PromptLearner):
             and self.clip.text.shared_prefix
         )
 
-    def encode_context(self, ctx: Tensor) -> Tensor:
+    def encode_context(self, ctx: Tensor, deep: list[Tensor] | None = None) -> Tensor:
         """Normalised class features (C, D) under context `ctx` (the learned one or another
-        client's): [SOS] + context are encoded once and shared by every class when exact."""
-        tokens, _ = self.context_layout(ctx)
+        client's): [SOS] + context are encoded once and shared by every class when exact.
+        deep: deep text prompts, one (n_ctx, W) tensor per text block 1 .. len(deep),
+        replacing the context's hidden states before that block (MaPLe, IVLP); exact on the
+        shared-prefix path too (the prefix stays class-independent at every layer)."""
+        tokens, ctx_pos = self.context_layout(ctx)
         if not self.uses_shared_prefix():
-            return self.clip.encode_prompted_text(self.prompt_embeddings(ctx), tokens)
+            return self.clip.encode_prompted_text(
+                self.prompt_embeddings(ctx), tokens, deep=deep, deep_pos=ctx_pos
+            )
         start = self.clip.layout.offset + ctx.shape[-2]
         with torch.no_grad():
             head = self.clip.token_embedding(tokens[0, : self.clip.layout.offset])  # (0|1, W)
             suffix = self.clip.token_embedding(tokens[:, start:])  # (C, S, W)
         prefix = torch.cat([head, ctx.to(head.dtype)], dim=0)  # ([1 +] n, W)
-        return self.clip.encode_shared_prefix(prefix, suffix, tokens[:, start:])
+        return self.clip.encode_shared_prefix(prefix, suffix, tokens[:, start:], deep=deep)
+
+    def encode_contexts(self, ctxs: Tensor, chunk: int | None = None) -> Tensor:
+        """Per-image class features (B, C, D), normalised, under one context per image
+        (CoCoOp): ctxs (B, n_ctx, W). On the shared-prefix path each image's [SOS] + context
+        runs once and its C class suffixes attend to it; otherwise the B*C full prompts run
+        batched. chunk: images per piece (bounds the chunk*C sequences held at once)."""
+        b = ctxs.shape[0]
+        tokens, ctx_pos = self.context_layout(ctxs[0])
+        if self.uses_shared_prefix():
+            off = self.clip.layout.offset
+            start = off + ctxs.shape[-2]
+            with torch.no_grad():
+                head = self.clip.token_embedding(tokens[0, :off])  # (0|1, W)
+                suffix = self.clip.token_embedding(tokens[:, start:])  # (C, S, W)
+            heads = head.unsqueeze(0).expand(b, -1, -1)  # (B, 0|1, W)
+            prefixes = torch.cat([heads, ctxs.to(head.dtype)], dim=1)  # (B, [1 +] n, W)
+            return self.clip.encode_shared_prefixes(
+                prefixes, suffix, tokens[:, start:], chunk=chunk
+            )
+        step = b if not chunk else max(1, int(chunk))
+        out = []
+        for a in range(0, b, step):
+            piece = ctxs[a : a + step]  # (b', n, W)
+            embeds = torch.stack([self.prompt_embeddings(c) for c in piece])  # (b', C, L, W)
+            flat = embeds.flatten(0, 1)  # (b' * C, L, W)
+            feats = self.clip.encode_prompted_text(flat, tokens.repeat(piece.shape[0], 1))
+            out.append(feats.view(piece.shape[0], self.num_classes, -1))
+        return torch.cat(out)  # (B, C, D)
 
     def text_features(self) -> Tensor:
         return self.encode_context(self.ctx)
@@ -234,17 +267,19 @@ class TextualPrompt(PromptLearner):
             return f"zero-shot, '{self.ctx_init} {{class}}.'"
         return f"the context '{self.ctx_init}', class name {self.class_token_position}"
 
-    def reference_text(self, ctx: Tensor) -> Tensor:
-        """Normalised class features (C, D) under `ctx`, the reference way: every class's
-        full-length prompt (the layout padded back to the tokenizer's length as it pads,
-        77 tokens on CLIP), no truncation, no shared prefix."""
-        tokens, _ = self.context_layout(ctx)
+    def reference_text(self, ctx: Tensor, deep: list[Tensor] | None = None) -> Tensor:
+        """Normalised class features (C, D) under `ctx` (and deep prompts), the reference
+        way: every class's full-length prompt (the layout padded back to the tokenizer's
+        length as it pads, 77 tokens on CLIP), no truncation, no shared prefix."""
+        tokens, ctx_pos = self.context_layout(ctx)
         length = self.clip.tokenize(["x"]).shape[1]
         full = torch.nn.functional.pad(
             tokens, (0, length - tokens.shape[1]), value=self.clip.layout.pad
         )
         embeds = self.prompt_embeddings(ctx, full)
-        return self.clip.encode_prompted_text(embeds, full, truncate=False)
+        return self.clip.encode_prompted_text(
+            embeds, full, truncate=False, deep=deep, deep_pos=ctx_pos
+        )
 
     def reference_logits(self, images: Tensor) -> Tensor | None:
         """The image encoder and the full-length prompts at every step."""
