@@ -63,17 +63,19 @@ def self_regulated_loss(
 
 
 @torch.no_grad()
-def template_features(clip, classnames: list[str], templates: tuple[str, ...]) -> Tensor:
+def template_features(
+    clip, classnames: list[str], templates: tuple[str, ...], chunk: int = 1024
+) -> Tensor:
     """normalise(mean over `templates` of the frozen text features) (C, D); the features
-    are averaged before their normalisation, as the public code averages them."""
+    are averaged before their normalisation, as the public code averages them. The T x C
+    sentences are encoded `chunk` at a time."""
     names = [c.replace("_", " ") for c in classnames]
-    total = None
-    for template in templates:
-        feats = clip.encode_text(
-            [template.format(n) for n in names], normalize=False
-        ).float()  # (C, D)
-        total = feats if total is None else total + feats
-    mean = total / len(templates)
+    sentences = [t.format(n) for t in templates for n in names]  # template-major
+    feats = torch.cat(
+        [clip.encode_text(sentences[i : i + chunk], normalize=False).float()
+         for i in range(0, len(sentences), chunk)]
+    )  # fmt: skip
+    mean = feats.view(len(templates), len(names), -1).mean(0)  # (C, D)
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
