@@ -223,6 +223,29 @@ register(Method(
     "CoCoOp: Zhou et al., CVPR 2022", bench=True,
     learner_args={"n_ctx": 4, "ctx_init": "a photo of a"}, tiny_args={"n_ctx": 4},
 ))  # fmt: skip
+register(Method(
+    "vpt_shallow", f"{L}.VisualPromptTuning", f"{S}.FedAvg", "vpt_quickstart.yaml",
+    "visual prompt tokens at the vision tower's input, classified by the frozen "
+    "'a photo of a {class}.' text features; FedAvg of the tokens",
+    "VPT: Jia et al., ECCV 2022", bench=True, learner_args={"num_prompts": 8},
+))  # fmt: skip
+register(Method(
+    "vpt_deep", f"{L}.VisualPromptTuning", f"{S}.FedAvg", "vpt_deep_quickstart.yaml",
+    "visual prompt tokens at the input and replaced before every vision block (VPT-deep), "
+    "frozen text side; FedAvg of the tokens",
+    "VPT: Jia et al., ECCV 2022", bench=True,
+    learner_args={"num_prompts": 8, "deep": True},
+))  # fmt: skip
+register(Method(
+    "promptsrc", f"{L}.SelfRegulatingPrompt", f"{S}.GaussianPromptAggregation",
+    "promptsrc_quickstart.yaml",
+    "IVLP prompts (4+4, depth 9) with L1 pulls to the frozen text (60 templates) and image "
+    "features and a KL to the zero-shot logits; FedAvg of the prompts, a Gaussian average "
+    "over rounds kept at the server and evaluated (eval/global_gpa)",
+    "PromptSRC: Khattak et al., ICCV 2023", bench=True,
+    learner_args={"n_ctx": 4, "n_vision": 4, "text_depth": 9, "vision_depth": 9},
+    tiny_args={"text_depth": 2, "vision_depth": 2},
+))  # fmt: skip
 del L, S
 
 

@@ -267,6 +267,8 @@ def print_table(fed: Any, title: str) -> None:
             keys += [(f"eval/{k}", k) for k in ("base", "novel", "hm")]
         elif "eval/global" in ev:  # the global model on the whole test set, and the HM
             keys += [("eval/global", "global"), ("eval/dual", "dual")]
+        # further server-side models (`Strategy.evaluation_models`, e.g. eval/global_gpa)
+        keys += [(k, k[len("eval/") :]) for k in sorted(ev) if k.startswith("eval/global_")]
         for key, label in keys:
             row(label, ev.get(key, nan), before.get(key))
     Console().print(table)

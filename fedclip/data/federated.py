@@ -208,7 +208,8 @@ class FederatedData:
         (`FrozenCLIP.cached_dense_features`, float16 on the CPU, float32 in the batch);
         IMAGES: the preprocessed images (no image is loaded without it, unless random
         augmentation is on: then training batches hold the augmented images, and declared
-        features and tokens are computed from them per batch, not cached); FLIP_TARGETS:
+        features and tokens are computed from them per batch, not cached; declared with
+        IMAGES, features of unaugmented images are the cached ones); FLIP_TARGETS:
         the frozen features of each training image and of its horizontal flip (cached, so
         only without random augmentation)."""
         self.clip = clip
@@ -260,6 +261,13 @@ class FederatedData:
         targets = None
         if split == "train" and self.flip_targets:
             targets = self._flip_targets(key, dataset, idx)  # (n_k, 2, D)
+        # pooled features next to the images: cached, unless the images are augmented
+        feats_per_batch = not cached and Input.FEATURES in self.inputs
+        feats_per_batch = feats_per_batch and split == "train" and self.cfg.augment
+        feats = None
+        if not cached and Input.FEATURES in self.inputs and not feats_per_batch:
+            bs_eval, nw = self.cfg.eval_batch_size, self.cfg.num_workers
+            feats = self.clip.cached_image_features(key, dataset, idx, bs_eval, nw)  # (n_k, D)
         if cached:
             yield from self._cached_batches(
                 split, idx, labels, order, bs, key, dataset, tokens, targets
@@ -280,6 +288,11 @@ class FederatedData:
             if targets is not None:  # parts are sorted: find each sample's row
                 rows = torch.searchsorted(sorted_ids, batch.index.to(sorted_ids.device))
                 batch.targets = targets[rows]
+            if feats is not None:
+                batch.features = feats[_rows_of(idx, batch.index).to(feats.device)]
+            elif feats_per_batch:
+                with torch.no_grad():
+                    batch.features = self.clip.encode_image(batch.images.to(self.clip.device))
             if tokens is not None:
                 batch.tokens = tokens[_rows_of(idx, batch.index)].float()
             elif dense_per_batch:

@@ -98,6 +98,7 @@ class RoundLoop:
         self.strategy.initialize(
             self.info.initial, self.info.num_clients, cfg.seed, schema=self.info.schema
         )
+        self.strategy.set_rounds(cfg.federation.rounds)
         self.privacy = DifferentialPrivacy(cfg.privacy, self.info.num_clients, cfg.seed)
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.round = 0  # rounds completed

@@ -67,6 +67,7 @@ class ClientRuntime:
         self.privacy = DifferentialPrivacy(cfg.privacy, data.num_clients, cfg.seed)
         self.clients: dict[int, ClientModule] = {k: self.make_client(k) for k in client_ids}
         self.global_states: dict[int, dict[str, Tensor] | None] = {}
+        self.eval_models: dict[int, dict[str, dict[str, Tensor]]] = {}  # Payload.models
 
     # ---- construction ------------------------------------------------------------------
     def make_client(self, k: int) -> ClientModule:
@@ -141,6 +142,7 @@ class ClientRuntime:
         global pass of `evaluate_one`."""
         client = self.clients[k]
         self.global_states[k] = None if payload is None else payload.global_state
+        self.eval_models[k] = {} if payload is None else payload.models
         payload = client.wanted(payload)
         client.receive(payload)
         return tensor_bytes(payload) if payload is not None else 0
@@ -233,6 +235,30 @@ class ClientRuntime:
 
     # ---- evaluation ----------------------------------------------------------------------
     def evaluate_one(self, k: int) -> dict[str, Any]:
+        """`evaluate_own` and `evaluate_models`."""
+        return {**self.evaluate_own(k), **self.evaluate_models(k)}
+
+    def evaluate_models(self, k: int) -> dict[str, Any]:
+        """The strategy's further evaluation models (`Payload.models`), each as the global
+        model on client k's share of the global split: {'global_<name>': ...}, under
+        base-to-novel {'base_<name>': ..., 'novel_<name>': ...}."""
+        out: dict[str, Any] = {}
+        names = self.data.all_classnames
+        for name, state in self.eval_models.get(k, {}).items():
+            with self.global_pass(k, state):
+                if self.data.multilabel:
+                    out[f"global_{name}"] = self.predict_client(k, "global")
+                elif self.data.cfg.base_to_novel:
+                    nb = self.data.num_base
+                    novel = list(range(nb, len(names)))
+                    out[f"base_{name}"] = self.evaluate_client_on(k, "base", list(range(nb)))
+                    out[f"novel_{name}"] = self.evaluate_client_on(k, "novel", novel)
+                else:
+                    every = list(range(len(self.data.classnames)))
+                    out[f"global_{name}"] = self.evaluate_client_on(k, "global", every)
+        return out
+
+    def evaluate_own(self, k: int) -> dict[str, Any]:
         """Client k's evaluation: {part: (correct, total)}, or {part: (scores, targets)}
         for multi-label data. 'local': its own model (personal parts included) on its own
         test split; 'global': the global part (`global_pass`) on its share of the whole test
@@ -280,12 +306,13 @@ class ClientRuntime:
         return out
 
     @contextlib.contextmanager
-    def global_pass(self, k: int):
+    def global_pass(self, k: int, state: dict[str, Tensor] | None = None):
         """Client k's learner as the global model: the server's aggregate (the evaluation
-        payload's `global_state`, the tensors its learner shares now) loaded in place of
-        its shared tensors, under `global_part()`; its own tensors are restored after."""
+        payload's `global_state`, or `state`; the tensors its learner shares now) loaded in
+        place of its shared tensors, under `global_part()`; its own tensors are restored
+        after."""
         learner = self.clients[k].learner
-        aggregate = self.global_states.get(k)
+        aggregate = self.global_states.get(k) if state is None else state
         keys = set(learner.shared_keys())
         own = None
         if aggregate:

@@ -9,12 +9,18 @@ import re
 from dataclasses import asdict
 from typing import Any
 
+import torch
+
 from fedclip.errors import FederationError
 from fedclip.metrics import (
     DATASETS_CONVENTION,
     accuracy_metrics,
+    average_precision,
     base_to_novel_metrics,
+    harmonic_mean,
+    mean_ap,
     multilabel_metrics,
+    pooled_accuracy,
 )
 from fedclip.privacy import DifferentialPrivacy
 
@@ -30,11 +36,43 @@ def eval_metrics(
 
     test_counts: each client's test-sample count (weights of `eval/acc_weighted`);
     classnames: every class's name (multi-label per-class AP)."""
+    own = {k: {p: v for p, v in r.items() if p in OWN_PARTS} for k, r in result.items()}
     if multilabel:
-        return multilabel_metrics(result, classnames)
-    if base_to_novel:
-        return base_to_novel_metrics(result)
-    return accuracy_metrics(result, {k: test_counts[k] for k in result})
+        metrics = multilabel_metrics(own, classnames)
+    elif base_to_novel:
+        metrics = base_to_novel_metrics(own)
+    else:
+        metrics = accuracy_metrics(own, {k: test_counts[k] for k in result})
+    return {**metrics, **model_metrics(result, multilabel, metrics)}
+
+
+OWN_PARTS = {"local", "global", "base", "novel"}  # the others: `Strategy.evaluation_models`
+
+
+def model_metrics(result: dict[int, Any], multilabel: bool, own: dict[str, float]) -> dict:
+    """`eval/global_<name>` of each further evaluation model (`Payload.models`), pooled
+    over the clients' shares as `eval/global`; under base-to-novel also `eval/base_<name>`,
+    `eval/novel_<name>` and `eval/hm_<name>` (with the same local accuracy)."""
+    parts = sorted({p for r in result.values() for p in r if p not in OWN_PARTS})
+    metrics: dict[str, float] = {}
+    for part in parts:
+        if multilabel:
+            shares = [r[part] for r in result.values() if part in r and len(r[part][0])]
+            metrics[f"eval/{part}"] = math.nan
+            if shares:
+                scores = torch.cat([s for s, _ in shares]), torch.cat([t for _, t in shares])
+                metrics[f"eval/{part}"] = mean_ap(average_precision(*scores))
+        else:
+            held = {k: r for k, r in result.items() if part in r}
+            metrics[f"eval/{part}"] = pooled_accuracy(held, part)
+    for part in parts:
+        if part.startswith("base_"):
+            name = part[len("base_") :]
+            base = metrics[f"eval/{part}"]
+            novel = metrics.get(f"eval/novel_{name}", math.nan)
+            metrics[f"eval/global_{name}"] = base
+            metrics[f"eval/hm_{name}"] = harmonic_mean([own["eval/local"], base, novel])
+    return metrics
 
 
 def last_evaluation(history: list[dict[str, float]], metric: str) -> dict[int, float]:

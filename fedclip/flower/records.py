@@ -93,6 +93,7 @@ def put_payload(content: RecordDict, payload: Payload | None) -> None:
         {
             "has_state": payload.state is not None,
             "has_global": payload.global_state is not None,
+            "models": json.dumps(sorted(payload.models)),
             "extras": json.dumps(plain),
             "tensor_extras": json.dumps(tensor_extras),
         }
@@ -103,6 +104,8 @@ def put_payload(content: RecordDict, payload: Payload | None) -> None:
         content["payload.global"] = tensors_record(payload.global_state)
     if arrays:
         content["payload.extras"] = tensors_record(arrays)
+    for name, state in payload.models.items():
+        content[f"payload.model.{name}"] = tensors_record(state)
 
 
 def read_payload(content: RecordDict) -> Payload | None:
@@ -117,7 +120,9 @@ def read_payload(content: RecordDict) -> Payload | None:
     arrays = read_tensors(content["payload.extras"]) if "payload.extras" in content else {}
     for name, keys in json.loads(meta["tensor_extras"]).items():
         extras[name] = arrays[name] if keys is None else {k: arrays[f"{name}/{k}"] for k in keys}
-    return Payload(state=state, extras=extras, global_state=global_state)
+    names = json.loads(meta["models"]) if "models" in meta else []
+    models = {n: read_tensors(content[f"payload.model.{n}"]) for n in names}
+    return Payload(state=state, extras=extras, global_state=global_state, models=models)
 
 
 # ---- personal state ----------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from fedclip.learners.mvp import FedMVP, PromptFormer
 from fedclip.learners.otp import TransportPrompts
 from fedclip.learners.pgp import LowRankPersonalPrompt
 from fedclip.learners.pha import ProjectedLocalPrompt
+from fedclip.learners.promptsrc import SelfRegulatingPrompt
 from fedclip.learners.textual import TextualPrompt, ZeroShot
 from fedclip.learners.tpg import GeneratedPrompt, TextPromptGenerator
+from fedclip.learners.vpt import VisualPromptTuning
 
 __all__ = [
     "AttentionAdapter",
@@ -30,6 +32,7 @@ __all__ = [
     "PromptFormer",
     "PromptGating",
     "ProjectedLocalPrompt",
+    "SelfRegulatingPrompt",
     "PrivateLowRankPrompt",
     "PromptLearner",
     "PromptPortfolio",
@@ -37,5 +40,6 @@ __all__ = [
     "TextualPrompt",
     "TransportPrompts",
     "VisionLanguagePrompt",
+    "VisualPromptTuning",
     "ZeroShot",
 ]

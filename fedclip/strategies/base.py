@@ -27,11 +27,14 @@ class Payload:
     extras: learner-specific downloads handed to `PromptLearner.receive` (e.g. experts).
     global_state: evaluation only: the server's aggregate, which the global protocol
         evaluates (loaded for that pass alone, under `PromptLearner.global_part()`).
+    models: evaluation only: further server-side models {name: shared state} evaluated
+        like `global_state` (`eval/global_<name>`; e.g. a Gaussian average over rounds).
     """
 
     state: dict[str, Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     global_state: dict[str, Tensor] | None = None
+    models: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,6 +133,15 @@ class Strategy(abc.ABC):
         is calibrated to). Default: False."""
         return False
 
+    def set_rounds(self, rounds: int) -> None:  # noqa: B027 (optional hook)
+        """Told the federation's number of rounds before round 0 (for strategies whose
+        schedule depends on it). Default: ignored."""
+
+    def evaluation_models(self) -> dict[str, dict[str, Tensor]]:
+        """Server-side models evaluated besides the global state, {name: shared state}
+        (logged as `eval/global_<name>`); they never reach training. Default: none."""
+        return {}
+
     def check_learner(self, learner: Any) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if this strategy cannot federate `learner` (called once, early)."""
 
@@ -149,12 +161,15 @@ class Strategy(abc.ABC):
 
     def evaluation_payloads(self, rnd: int, client_ids: list[int]) -> dict[int, Payload]:
         """`configure_evaluate`'s payloads with the aggregate (`global_state`) attached for
-        the global protocol (what every client evaluates as the global model)."""
+        the global protocol (what every client evaluates as the global model), and the
+        `evaluation_models`."""
         payloads = self.configure_evaluate(rnd, client_ids)
+        models = self.evaluation_models()
         out = {}
         for k in client_ids:
             p = payloads.get(k) or Payload()
-            out[k] = Payload(state=p.state, extras=p.extras, global_state=self.global_state)
+            glob = self.global_state
+            out[k] = Payload(state=p.state, extras=p.extras, global_state=glob, models=models)
         return out
 
     def state_dict(self) -> dict[str, Any]:

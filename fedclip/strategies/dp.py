@@ -69,6 +69,12 @@ class CentralDP(Strategy):
     def check_learner(self, learner: Any) -> None:
         self.inner.check_learner(learner)
 
+    def set_rounds(self, rounds: int) -> None:
+        self.inner.set_rounds(rounds)
+
+    def evaluation_models(self) -> dict[str, dict[str, Tensor]]:
+        return self.inner.evaluation_models()
+
     def configure_round(self, rnd: int, sampled: list[int]) -> dict[int, Payload]:
         return self.inner.configure_round(rnd, sampled)
 
