@@ -200,10 +200,11 @@ def test_metrics_per_data_set_by_hand():
     assert m["eval/dual"] == pytest.approx(2 * local * base / (local + base))
 
 
-def fit_multi(learner, rounds=1):
+def fit_multi(learner, rounds=1, strategy=None):
     cfg = FitConfig(
         backbone=BackboneConfig(model="fedclip-tiny-vit"),
         learner=learner,
+        **({} if strategy is None else {"strategy": strategy}),
         data=DataConfig(
             dataset=two_shapes(c1=6, c2=4),
             partitioner=ClassChunks(classes_per_client=2, shots=4),
@@ -347,3 +348,15 @@ def test_flower_equals_fit_over_several_data_sets(tmp_path, method):
     assert without_time(flower.history) == without_time(local.history)
     assert results(flower.summary()) == results(local.summary())
     assert "eval/base/shapes2" in local.history[-1]
+
+
+def test_further_evaluation_models_are_evaluated_per_data_set():
+    """GPA's model after one round is that round's aggregate: its per-data-set base and
+    novel accuracies, averaged over data sets, equal the global part's."""
+    from fedclip.strategies import GaussianPromptAggregation
+
+    fed = fit_multi(TextualPrompt(n_ctx=4), strategy=GaussianPromptAggregation())
+    last = fed.history[-1]
+    for kind in ("base", "novel", "hm"):
+        assert last[f"eval/{kind}_gpa"] == pytest.approx(last[f"eval/{kind}"]), kind
+    assert not any(k.startswith("eval/base/") and "gpa" in k for k in last)

@@ -243,10 +243,19 @@ class ClientRuntime:
         model on client k's share of the global split: {'global_<name>': ...}, under
         base-to-novel {'base_<name>': ..., 'novel_<name>': ...}."""
         out: dict[str, Any] = {}
-        names = self.data.all_classnames
+        data = self.data
+        names = data.all_classnames
         for name, state in self.eval_models.get(k, {}).items():
             with self.global_pass(k, state):
-                if self.data.multilabel:
+                if data.dataset_names is not None:  # several data sets: as evaluate_datasets
+                    kinds = ("base", "novel") if data.cfg.base_to_novel else ("global",)
+                    for d, dname in enumerate(data.dataset_names):
+                        for kind in kinds:
+                            classes = data.dataset_classes(d, "all" if kind == "global" else kind)
+                            out[f"{kind}_{name}/{dname}"] = self.evaluate_client_on(
+                                k, f"{kind}/{dname}", classes
+                            )
+                elif data.multilabel:
                     out[f"global_{name}"] = self.predict_client(k, "global")
                 elif self.data.cfg.base_to_novel:
                     nb = self.data.num_base

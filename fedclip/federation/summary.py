@@ -36,7 +36,7 @@ def eval_metrics(
 
     test_counts: each client's test-sample count (weights of `eval/acc_weighted`);
     classnames: every class's name (multi-label per-class AP)."""
-    own = {k: {p: v for p, v in r.items() if p in OWN_PARTS} for k, r in result.items()}
+    own = {k: {p: v for p, v in r.items() if is_own(p)} for k, r in result.items()}
     if multilabel:
         metrics = multilabel_metrics(own, classnames)
     elif base_to_novel:
@@ -49,11 +49,16 @@ def eval_metrics(
 OWN_PARTS = {"local", "global", "base", "novel"}  # the others: `Strategy.evaluation_models`
 
 
+def is_own(part: str) -> bool:
+    """A part of the model's own evaluation ('base', or 'base/<data set>' over several)."""
+    return part.split("/", 1)[0] in OWN_PARTS
+
+
 def model_metrics(result: dict[int, Any], multilabel: bool, own: dict[str, float]) -> dict:
     """`eval/global_<name>` of each further evaluation model (`Payload.models`), pooled
     over the clients' shares as `eval/global`; under base-to-novel also `eval/base_<name>`,
     `eval/novel_<name>` and `eval/hm_<name>` (with the same local accuracy)."""
-    parts = sorted({p for r in result.values() for p in r if p not in OWN_PARTS})
+    parts = sorted({p for r in result.values() for p in r if not is_own(p)})
     metrics: dict[str, float] = {}
     for part in parts:
         if multilabel:
@@ -65,6 +70,13 @@ def model_metrics(result: dict[int, Any], multilabel: bool, own: dict[str, float
         else:
             held = {k: r for k, r in result.items() if part in r}
             metrics[f"eval/{part}"] = pooled_accuracy(held, part)
+    per_dataset: dict[str, list[float]] = {}  # several data sets: 'base_<name>/<d>'
+    for part in parts:
+        if "/" in part:
+            per_dataset.setdefault(part.split("/", 1)[0], []).append(metrics[f"eval/{part}"])
+    for part, values in per_dataset.items():  # averaged over data sets, as the own parts
+        metrics[f"eval/{part}"] = sum(values) / len(values)
+    parts = sorted({p.split("/", 1)[0] for p in parts})
     for part in parts:
         if part.startswith("base_"):
             name = part[len("base_") :]
