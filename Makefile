@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # offline build machines serve); pip resolves them before the project's own dependencies.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint bench quickstarts clean flower-demo
+.PHONY: install demo test test-all lint bench quickstarts quickstarts-b2n clean flower-demo
 
 install: $(VENV)/.installed
 
@@ -48,3 +48,6 @@ bench: install
 # every registered method's offline quickstart, one table (personal, global, dual)
 quickstarts: install
 	$(BIN)/python benchmarks/quickstarts.py --out benchmarks/results
+
+quickstarts-b2n: install
+	$(BIN)/python benchmarks/quickstarts.py --b2n --out benchmarks/results

@@ -193,7 +193,8 @@ def bench_learner(name: str, clip: FrozenCLIP, sizes: Sizes):
     and `sizes.num_classes` classes, holding `sizes.experts` example extras (None when
     the backbone cannot take it)."""
     method = get_method(name)
-    learner = method.learner_class()(**{**method.learner_args, **method.bench_args})
+    tiny = method.tiny_args if clip.name.startswith("fedclip-tiny") else {}  # --quick
+    learner = method.learner_class()(**{**method.learner_args, **tiny, **method.bench_args})
     try:
         learner.setup(clip, class_names(sizes.num_classes), seed=0)
     except BackboneError:  # e.g. visual prompts on a convolutional tower
@@ -209,28 +210,35 @@ def bench_method(name: str, clip: FrozenCLIP, sizes: Sizes, images, labels, augm
     learner = bench_learner(name, clip, sizes)
     if learner is None:
         return None
+    if (b := get_method(name).bench_batch) is not None:  # B x C text sequences: fewer images
+        images, labels = images[:b], labels[:b]
     inputs = type(learner).inputs
     index = torch.arange(len(labels))
+    raw = Input.RAW_FEATURES in inputs
     if Input.IMAGES in inputs:
-        targets = None
+        targets = features = None
         if Input.FLIP_TARGETS in inputs:  # the cache: each view encoded once per sample
             with torch.no_grad():
                 targets = torch.stack(
                     [clip.encode_image(images), clip.encode_image(images.flip(-1))], 1
                 )
-        batch = Batch(labels=labels, index=index, images=images, targets=targets)
+        if Input.FEATURES in inputs:  # the frozen unprompted features, cached
+            with torch.no_grad():
+                features = clip.encode_image(images)
+        batch = Batch(labels=labels, index=index, images=images, targets=targets, features=features)
     elif Input.TOKENS in inputs:  # the dense-token cache, float16 as the data layer keeps it
         with torch.no_grad():
             tokens = clip.encode_dense(images).to(torch.float16).float()
         batch = Batch(labels=labels, index=index, tokens=tokens)
     else:
         with torch.no_grad():  # the cache: computed once per sample per process
-            batch = Batch(labels=labels, index=index, features=clip.encode_image(images))
+            feats = clip.encode_image(images, normalize=not raw)
+        batch = Batch(labels=labels, index=index, features=feats)
 
     def fast_step():
         if augment:  # random augmentation: no image cache, the text side's gain alone
             with torch.no_grad():
-                batch.features = clip.encode_image(images)
+                batch.features = clip.encode_image(images, normalize=not raw)
         _sgd_step(learner, learner.training_loss(batch))
 
     def reference_step():
@@ -319,7 +327,8 @@ def section_speed_augment(sizes: Sizes, device: torch.device) -> list[dict[str, 
     for model in sizes.models:
         clip, images, labels = _inputs(model, sizes, device)
         for method in benched():
-            if Input.FEATURES not in get_method(method).learner_class().inputs:
+            inputs = get_method(method).learner_class().inputs
+            if Input.FEATURES not in inputs or Input.IMAGES in inputs:
                 continue
             timed_pair = bench_method(method, clip, sizes, images, labels, augment=True)
             rows += _speed_rows(model, f"{method} (augmented)", *timed_pair, no_bf16, device)

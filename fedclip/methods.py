@@ -31,7 +31,8 @@ class Method:
     the paper's defaults where they differ from the classes'; tiny_args: learner arguments
     that fit fedclip's tiny offline backbones (tests, benchmarks); bench: it has a fast
     path that `make bench` times against its reference path (`reference_loss`), built with
-    learner_args updated by bench_args.
+    learner_args updated by bench_args, on bench_batch images when the bench's batch would
+    not fit (None: the bench's).
     """
 
     name: str
@@ -46,6 +47,7 @@ class Method:
     tiny_args: dict[str, Any] = field(default_factory=dict)
     bench: bool = False
     bench_args: dict[str, Any] = field(default_factory=dict)
+    bench_batch: int | None = None
 
     def learner_class(self) -> type:
         return _resolve(self.learner)
@@ -185,7 +187,7 @@ register(Method(
     "kgcoop", f"{L}.KnowledgeGuidedPrompt", f"{S}.FedAvg", "kgcoop_quickstart.yaml",
     "one shared context (FedAvg, as PromptFL) pulled towards the frozen features of a "
     "hand-crafted template by w (1 - mean cosine)",
-    "KgCoOp: Yao et al., CVPR 2023", bench=True,
+    "KgCoOp: Yao et al., CVPR 2023", paper="kgcoop_b2n.yaml", bench=True,
     learner_args={"n_ctx": 4, "ctx_init": "a photo of a", "w": 8.0}, tiny_args={"n_ctx": 4},
 ))  # fmt: skip
 register(Method(
@@ -198,7 +200,7 @@ register(Method(
     "ivlp", f"{L}.VisionLanguagePrompt", f"{S}.FedAvg", "ivlp_quickstart.yaml",
     "independent text and visual prompt tokens, deep in both towers (MaPLe's IVLP "
     "baseline); FedAvg of all of them",
-    "IVLP: Khattak et al., CVPR 2023 (MaPLe's baseline)", bench=True,
+    "IVLP: Khattak et al., CVPR 2023 (MaPLe's baseline)", paper="ivlp_b2n.yaml", bench=True,
     learner_args={"n_ctx": 2, "n_vision": 2, "text_depth": 12, "vision_depth": 12},
     tiny_args={"text_depth": 2, "vision_depth": 2},
 ))  # fmt: skip
@@ -206,22 +208,23 @@ register(Method(
     "maple", f"{L}.CoupledPrompt", f"{S}.FedAvg", "maple_quickstart.yaml",
     "a deep text prompt whose every layer is mapped linearly into visual prompts; FedAvg of "
     "the prompts and the couplings (about 3.56 M values at ViT-B/16)",
-    "MaPLe: Khattak et al., CVPR 2023", bench=True,
+    "MaPLe: Khattak et al., CVPR 2023", paper="maple_b2n.yaml", bench=True,
     learner_args={"n_ctx": 2, "prompt_depth": 9}, tiny_args={"prompt_depth": 2},
 ))  # fmt: skip
 register(Method(
     "fedtpg", f"{L}.GeneratedPrompt", f"{S}.FedAvg", "fedtpg_quickstart.yaml",
     "a shared generator turning the frozen text features of the class names into the "
     "context; the whole generator is averaged, nothing is personal",
-    "FedTPG: Qiu et al., ICLR 2024", bench=True,
+    "FedTPG: Qiu et al., ICLR 2024", paper="fedtpg_b2n.yaml", bench=True,
     learner_args={"n_ctx": 4, "d_ctx": 1, "depth": 0},
 ))  # fmt: skip
 register(Method(
     "cocoop", f"{L}.ConditionalPrompt", f"{S}.FedAvg", "cocoop_quickstart.yaml",
     "a context shifted per image by a meta-net on the image feature (B x C text prompts "
     "per step); FedAvg of the context and the meta-net",
-    "CoCoOp: Zhou et al., CVPR 2022", bench=True,
+    "CoCoOp: Zhou et al., CVPR 2022", paper="cocoop_b2n.yaml", bench=True,
     learner_args={"n_ctx": 4, "ctx_init": "a photo of a"}, tiny_args={"n_ctx": 4},
+    bench_batch=1,  # B x C prompts per step; the official CoCoOp batch is 1
 ))  # fmt: skip
 register(Method(
     "vpt_shallow", f"{L}.VisualPromptTuning", f"{S}.FedAvg", "vpt_quickstart.yaml",
@@ -242,7 +245,7 @@ register(Method(
     "IVLP prompts (4+4, depth 9) with L1 pulls to the frozen text (60 templates) and image "
     "features and a KL to the zero-shot logits; FedAvg of the prompts, a Gaussian average "
     "over rounds kept at the server and evaluated (eval/global_gpa)",
-    "PromptSRC: Khattak et al., ICCV 2023", bench=True,
+    "PromptSRC: Khattak et al., ICCV 2023", paper="promptsrc_b2n.yaml", bench=True,
     learner_args={"n_ctx": 4, "n_vision": 4, "text_depth": 9, "vision_depth": 9},
     tiny_args={"text_depth": 2, "vision_depth": 2},
 ))  # fmt: skip

@@ -179,7 +179,7 @@ class AttentionAdapter(PromptLearner):
         if self.multilabel:
             return None
         with torch.no_grad():
-            e = self.clip.encode_image(images)
+            e = self.clip.encode_image(images, normalize=False)  # the raw feature
             names = [c.replace("_", " ") for c in self.classnames]
             tokens = self.clip.tokenize([self.template.format(n) for n in names])
             t = self.clip.encode_prompted_text(
