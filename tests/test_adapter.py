@@ -197,3 +197,25 @@ def test_bad_values():
                     ({"template": "a picture"}, "template"), ({"betas": (0.9, 1.0)}, "betas")]:  # fmt: skip
         with pytest.raises(ConfigError, match=key):
             AttentionAdapter(**kw)
+
+
+def test_raw_features_reach_the_adapter_and_normalised_ones_the_others():
+    """A learner declaring Input.RAW_FEATURES gets the frozen features before their
+    normalisation from the same cache that gives the other learners normalised ones."""
+    from fedclip.learners import TextualPrompt
+
+    raw_fed = Federation(
+        small_config(learner=AttentionAdapter(), rounds=1), None, show_progress=False
+    )
+    batch = next(raw_fed.data.batches(0, "train"))
+    images = torch.stack([raw_fed.data.train_set[int(i)][0] for i in batch.index])
+    clip = raw_fed.clip
+    with torch.no_grad():
+        want = clip.encode_image(images, normalize=False)
+    torch.testing.assert_close(batch.features, want, atol=1e-5, rtol=1e-5)
+    assert (batch.features.norm(dim=-1) - 1).abs().min() > 1e-3
+    fed = Federation(
+        small_config(learner=TextualPrompt(n_ctx=4), rounds=1), None, show_progress=False
+    )
+    plain = next(fed.data.batches(0, "train"))
+    torch.testing.assert_close(plain.features, torch.nn.functional.normalize(want, dim=-1))
