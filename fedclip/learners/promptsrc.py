@@ -125,6 +125,7 @@ class SelfRegulatingPrompt(VisionLanguagePrompt):
     def setup(self, clip: FrozenCLIP, classnames: list[str], seed: int) -> None:
         super().setup(clip, classnames, seed)
         self._zero_shot.clear()
+        self.zero_shot_text()  # the 60 x C frozen encodes now, not inside the first step
 
     def zero_shot_text(self) -> Tensor:
         """t^zs (C, D) of the current classes, computed once per class set."""
