@@ -28,7 +28,7 @@ flower-demo: install
 	    $(BIN)/flwr run flower_app --stream --federation-config "num-supernodes=4" \
 	    --run-config "config='$(CURDIR)/configs/quickstart.yaml' overrides='--run_name=flower-quickstart-$$(date +%Y%m%d-%H%M%S)'"
 
-# the fast tier (under 4 minutes on 2 cores); test-all adds the slow and distributed tiers
+# the fast tier (about 7.5 minutes on 2 cores); test-all adds the slow and distributed tiers
 test: install
 	$(BIN)/pytest -q
 
