@@ -22,7 +22,7 @@ from fedclip.backbone import BackboneConfig
 from fedclip.config_checks import check_layout, check_numbers
 from fedclip.data.federated import DataConfig
 from fedclip.data.multi import resolve_num_clients
-from fedclip.errors import ConfigError, UsageError
+from fedclip.errors import ConfigError, DataError, UsageError
 from fedclip.learners.base import MultiLabelConfig, OptimConfig, PromptLearner
 from fedclip.learners.textual import TextualPrompt
 from fedclip.parsing import command_parser, parse_args
@@ -233,7 +233,10 @@ def build_fit_config(parser: ArgumentParser, ns: Namespace) -> tuple[FitConfig, 
     )
     fields = {k: init[k] for k in FitConfig.__dataclass_fields__}
     cfg = FitConfig(**fields)
-    resolve_num_clients(cfg.data)  # data.num_clients: null -> what the partitioner makes
+    try:
+        resolve_num_clients(cfg.data)  # data.num_clients: null -> what the partitioner makes
+    except DataError:  # the data is not there (yet): FederatedData counts, or names what is missing
+        pass
     return cfg, plain
 
 
