@@ -383,3 +383,40 @@ def test_wandb_summary_keeps_the_selected_value_over_the_last_logged(tmp_path):
     (offline_run,) = offline_runs(tmp_path / "r")
     got = summary(records(offline_run))
     assert (got["val/acc_mean"], got["eval/acc_mean"], got["selection/round"]) == (0.9, 0.5, 1)
+
+
+def test_several_data_sets_get_val_metrics_among_their_own_classes():
+    """MultiDataset + ClassChunks under base-to-novel: each client's validation split is
+    among its own (base) classes, and the run reports val/acc_mean and val/global."""
+    from fedclip.backbone import BackboneConfig
+    from fedclip.config import FabricConfig, FederationConfig, FitConfig
+    from fedclip.data import ClassChunks
+    from fedclip.learners import OptimConfig, TextualPrompt
+
+    from .test_multidataset import two_shapes
+
+    cfg = FitConfig(
+        backbone=BackboneConfig(model="fedclip-tiny-vit"),
+        learner=TextualPrompt(n_ctx=4),
+        data=DataConfig(
+            dataset=two_shapes(c1=6, c2=4),
+            partitioner=ClassChunks(classes_per_client=2, shots=4),
+            num_clients=None,
+            batch_size=4,
+            base_to_novel=True,
+            val_fraction=0.25,
+        ),
+        federation=FederationConfig(rounds=1, select="val"),
+        optim=OptimConfig(lr=0.05),
+        fabric=FabricConfig(accelerator="cpu"),
+    )
+    fed = Federation(cfg, None, show_progress=False)
+    fed.fit()
+    data = fed.data
+    for k in range(data.num_clients):
+        held = data.train_labels[data.val_parts[k]]
+        own = data.client_classes(k)
+        assert set(held) <= set(own) and len(held) == len(own)  # 1 of its 4 shots per class
+    row = fed.history[-1]
+    assert {"val/acc_mean", "val/global", "eval/hm"} <= set(row) and "val/hm" not in row
+    assert fed.summary()["selection"] == {**fed.summary()["selection"], "round": 1}
