@@ -49,6 +49,17 @@ class FederationConfig:
             finite, or whose upload is invalid, is left out of its round (logged with its id
             and reason); the run stops when more than this many fail in one round. null: stop
             only when every sampled client of a round fails. Can be changed on --resume.
+        select: which evaluated round the run reports (summary.json's `eval`, the per-client
+            rows, the end-of-fit table): 'last', the last one; 'val', the one with the best
+            `select_by` validation metric (ties: the earliest; rounds where it is NaN are
+            skipped; round 0 only when no trained round was evaluated), whose test metrics
+            are reported. Needs `data.val_fraction` > 0. Never the best test round. Can be
+            changed on --resume.
+        select_by: the validation metric `select: val` maximises, a `val/` key such as
+            val/acc_mean, val/acc_min, val/global, val/dual (val/map_mean, val/map_pooled
+            for multi-label data); null: the headline's (val/acc_mean, val/map_mean for
+            multi-label data; val/acc_mean under base-to-novel, whose eval/hm has no
+            validation counterpart).
     """
 
     rounds: int = 10
@@ -58,6 +69,8 @@ class FederationConfig:
     eval_every: int = 1
     eval_at_start: bool = True
     max_client_failures: int | None = None
+    select: Literal["last", "val"] = "last"
+    select_by: str | None = None
 
 
 @dataclass

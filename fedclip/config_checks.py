@@ -11,6 +11,9 @@ that is NaN or infinite (no fedclip setting takes one: a NaN would compare false
 every bound, and e.g. switch a proximal term off without a word) and every integer numpy and
 torch cannot take: seeds (`seed`, `*_seed`) must be in [0, 2**32), the generators' common
 range, and any other integer must fit in 64 bits.
+
+`check_selection` refuses a `federation.select` that cannot be made: 'val' without a
+validation split, or a `select_by` that is not a validation metric (never a test one).
 """
 
 from __future__ import annotations
@@ -128,3 +131,38 @@ def check_numbers(plain: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix} must be in [0, 2**32), got {plain}")
         if not -INT_LIMIT <= plain < INT_LIMIT:
             raise ConfigError(f"{prefix} must be in [-2**63, 2**63), got {plain}")
+
+
+def val_metric_choices(multilabel: bool) -> list[str]:
+    """The validation metrics `federation.select_by` may name (higher is better; the
+    `val/*` keys `fedclip.federation.summary.val_metrics` logs)."""
+    name = "map" if multilabel else "acc"
+    pooled = ["val/map_pooled"] if multilabel else []
+    return (
+        [f"val/{name}_{s}" for s in ("mean", "min", "max", "weighted")]
+        + pooled
+        + [
+            "val/global",
+            "val/dual",
+        ]
+    )
+
+
+def check_selection(fed: Any, val_fraction: float, multilabel: bool) -> None:
+    """ConfigError (one line) for a `federation.select` / `select_by` no run can honour:
+    'val' without `data.val_fraction` > 0, or a `select_by` outside `val_metric_choices`."""
+    if fed.select not in ("last", "val"):
+        raise ConfigError(f"federation.select must be 'last' or 'val', got {fed.select!r}")
+    if fed.select == "val" and not val_fraction > 0:
+        raise ConfigError(
+            "federation.select: val needs a validation split: set data.val_fraction in (0, 1), "
+            f"got {val_fraction}"
+        )
+    choices = val_metric_choices(multilabel)
+    if fed.select_by is not None and fed.select_by not in choices:
+        test = " (a test metric: the best test round is never reported)"
+        hint = test if str(fed.select_by).startswith("eval/") else ""
+        raise ConfigError(
+            f"federation.select_by must be a validation metric, one of {', '.join(choices)}; "
+            f"got {fed.select_by!r}{hint}"
+        )

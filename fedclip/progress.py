@@ -23,8 +23,9 @@ def human_bytes(n: float) -> str:
 
 def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str:
     """The line of one round: `round R/N | loss | acc (or mAP, base-to-novel) | global and
-    dual | failures | eps | traffic | time`. Round 0 (the evaluation before training) says so, and what the
-    initial model is (`initial`, e.g. the learner's `initial_state()`)."""
+    dual | val (the mean validation acc or mAP, with `data.val_fraction`) | failures | eps |
+    traffic | time`. Round 0 (the evaluation before training) says so, and what the initial
+    model is (`initial`, e.g. the learner's `initial_state()`)."""
     rnd = int(metrics["round"])
     parts = [f"round {rnd}/{rounds}" + (" (before training)" if rnd == 0 else "")]
     loss = metrics.get("train/loss_mean", float("nan"))
@@ -49,6 +50,8 @@ def round_line(metrics: dict[str, float], rounds: int, initial: str = "") -> str
             f"base {100 * metrics['eval/base']:.2f}% novel {100 * metrics['eval/novel']:.2f}% "
             f"HM {100 * metrics['eval/hm']:.2f}%"
         )
+    if f"val/{name}_mean" in metrics:  # the validation split (`data.val_fraction`)
+        parts.append(f"val {100 * metrics[f'val/{name}_mean']:.2f}%")
     failed = metrics.get("train/failed_clients", 0.0)
     if failed:
         parts.append(f"{int(failed)} client(s) failed")

@@ -184,26 +184,24 @@ def plot_partition(summary: dict[str, Any], path: Path, title: str = "") -> None
 
 def partition_table(summary: dict[str, Any], title: str):
     """A rich table: client, domain (when there are domains), data set (over several data
-    sets), train and test samples, classes."""
+    sets), train (validation, with `data.val_fraction`) and test samples, classes."""
     from rich.table import Table
 
     named = [key for key in ("domain", "dataset") if any(r.get(key) for r in summary["clients"])]
+    counted = ["train", "val", "test"] if "val_counts" in summary else ["train", "test"]
     table = Table(title=title)
-    columns = ["client", *named, "train", "test", "classes"]
+    columns = ["client", *named, *counted, "classes"]
     for col in columns:
         table.add_column(col, justify="left" if col in named else "right")
     for row in summary["clients"]:
         cells = [str(row["client"])]
         cells += [str(row.get(key) or "-") for key in named]
-        cells += [str(row["train"]), str(row["test"]), str(row["classes"])]
+        cells += [str(row.get(key, 0)) for key in counted] + [str(row["classes"])]
         table.add_row(*cells)
     table.add_section()
     total = ["all", *([""] * len(named))]
-    total += [
-        str(sum(r["train"] for r in summary["clients"])),
-        str(sum(r["test"] for r in summary["clients"])),
-        str(len(summary.get("classnames", []))),
-    ]
+    total += [str(sum(r.get(key, 0) for r in summary["clients"])) for key in counted]
+    total += [str(len(summary.get("classnames", [])))]
     table.add_row(*total)
     return table
 
@@ -231,7 +229,8 @@ def _delta(value: float, start: float | None) -> str:
 def print_table(fed: Any, title: str) -> None:
     """Print the per-client result table of a federation (anything with `summary()` and
     `metric`, as Federation and the Flower server have), with the pooled rows below and,
-    when round 0 was evaluated, each value's change from it (points)."""
+    when round 0 was evaluated, each value's change from it (points). Under `select: val`
+    the caption names the round reported (the best validation round)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -240,7 +239,11 @@ def print_table(fed: Any, title: str) -> None:
     nan = float("nan")
     baseline = summary.get("baseline")
     start = baseline["eval"] if baseline else None
-    table = Table(title=title, caption=f"round 0: {baseline['initial']}" if baseline else None)
+    caption = [f"round 0: {baseline['initial']}"] if baseline else []
+    selection = summary.get("selection") or {}
+    if selection.get("rule") == "val":
+        caption.append(f"reported: round {selection['round']} (best {selection['by']})")
+    table = Table(title=title, caption="\n".join(caption) or None)
     columns = ["client", "train", "test", "classes", "mAP %" if name == "map" else "acc %"]
     for col in columns + (["vs round 0"] if start is not None else []):
         table.add_column(col, justify="right")

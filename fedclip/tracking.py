@@ -9,7 +9,11 @@ A run's W&B run gets:
 - every logged round against the step metric `round`. The headline metric
   (`eval/acc_mean`; `eval/map_mean` for multi-label data; `eval/hm` under base-to-novel)
   keeps its last value as its summary, the final evaluation that summary.json reports and
-  the sweeps optimise (no best-over-rounds value: the test splits would pick it);
+  the sweeps optimise (no best-over-rounds value: the test splits would pick it). With a
+  validation split (`data.val_fraction`) the `val/*` metrics are logged every evaluation
+  too, and a sweep may optimise one (configs/sweeps/*_val.yaml); under `federation.select:
+  val` the summary's `eval/*` and `val/*` are those of the selected round (the best
+  validation round, `selection/round`), as summary.json's;
 - the plots as images whenever fedclip writes them: `plots/partition` (partition.png, at
   the start of fit) and `plots/curves` (curves.png, with the results); and config.yaml,
   partition.json and summary.json as run files, under `<run folder name>/` (wandb keeps
@@ -205,6 +209,11 @@ class WandbTracker:
             if step is not None:
                 images["round"] = step
             self.run.log(images)
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        """Set these keys of the W&B run's summary (the selected round's metrics)."""
+        if self.run is not None:
+            self.run.summary.update(values)
 
     def save(self) -> None:
         """Nothing to flush: wandb writes on its own (the loop flushes every logger)."""

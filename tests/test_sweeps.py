@@ -28,6 +28,8 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 from fedclip import sweeps
 from fedclip.cli import main
 from fedclip.config import FitConfig, LoggerConfig, build_fit_config, fit_parser
+from fedclip.federation.settings import check_config
+from fedclip.federation.summary import val_metrics
 from fedclip.metrics import base_to_novel_metrics, multilabel_metrics, summarize
 
 from .conftest import tiny_yaml
@@ -79,15 +81,29 @@ def nested_get(plain: dict[str, Any], dotted: str) -> Any:
 
 
 def logged_eval_metrics(cfg: FitConfig) -> set[str]:
-    """The `eval/*` names fedclip logs for this config, from fedclip's own metric code."""
-    if type(cfg.data.dataset).multilabel:
+    """The `eval/*` (and, with `data.val_fraction`, `val/*`) names fedclip logs for this
+    config, from fedclip's own metric code."""
+    multilabel = type(cfg.data.dataset).multilabel
+    if multilabel:
         scores, targets = torch.rand(2, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         names = multilabel_metrics({0: (scores, targets)}, ["a", "b"])
     elif cfg.data.base_to_novel:
         names = base_to_novel_metrics({0: {"local": (1, 2), "base": (1, 2), "novel": (1, 2)}})
     else:
         names = {f"eval/acc_{name}": v for name, v in summarize({0: 0.5}, {0: 1}).items()}
-    return {name for name in names if name.startswith("eval/")}
+    if cfg.data.val_fraction > 0:
+        pair = (torch.rand(2, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])) if multilabel else (1, 2)
+        names = {
+            **names,
+            **val_metrics({0: {"val_local": pair, "val_global": pair}}, multilabel, ["a", "b"]),
+        }
+    return {name for name in names if name.startswith(("eval/", "val/"))}
+
+
+def constant_arguments(sweep: dict[str, Any]) -> list[str]:
+    """The agent's arguments of the sweep's constant parameters (`value:`)."""
+    fixed = {k: spec["value"] for k, spec in sweep["parameters"].items() if "value" in spec}
+    return agent_arguments(fixed) if fixed else []
 
 
 # ---- the sweep files ---------------------------------------------------------------------
@@ -97,6 +113,7 @@ def test_sweep_files_ship():
     names = {p.stem for p in SWEEP_FILES}
     assert {"promptfl_quickstart", "promptfl_cifar100", "pfedmoap_cifar100"} <= names
     assert {"fedmvp_cifar100_b2n", "dirichlet_alpha_promptfl_cifar100"} <= names
+    assert "promptfl_quickstart_val" in names  # model selection on validation splits
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
@@ -104,7 +121,8 @@ def test_sweep_file_structure(path):
     sweep = load_sweep(path)
     assert sweep["method"] in {"grid", "random", "bayes"}
     assert sweep["metric"]["goal"] in {"maximize", "minimize"}
-    assert sweep["metric"]["name"].startswith("eval/")
+    # a test metric, or a validation one (never the best test round: see test_selection)
+    assert sweep["metric"]["name"].startswith(("eval/", "val/"))
     # the agent reads `program` from the sweep even when `command` does not use ${program}
     assert sweep["program"] == "fedclip"
     command = [str(c) for c in sweep["command"]]
@@ -145,9 +163,9 @@ def test_sweep_parameters_are_config_keys(path):
 def test_sweep_metric_is_logged(path):
     sweep = load_sweep(path)
     parser = fit_parser()
-    cfg, _ = build_fit_config(
-        parser, parser.parse_args(["--config", str(ROOT / base_config(sweep))])
-    )
+    argv = ["--config", str(ROOT / base_config(sweep)), *constant_arguments(sweep)]
+    cfg, _ = build_fit_config(parser, parser.parse_args(argv))
+    check_config(cfg)  # e.g. federation.select: val with its validation split
     assert sweep["metric"]["name"] in logged_eval_metrics(cfg)
 
 

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 
 from fedclip.batch import Batch, Input
 from fedclip.data.datasets import DatasetSource, IndexedSubset, Shapes
+from fedclip.data.holdout import check_val_fraction, hold_out, split_summary
 from fedclip.data.memory import check_data_plan
 from fedclip.data.multi import base_classes, dataset_shares, resolve_num_clients
-from fedclip.data.partition import Dirichlet, Partitioner, partition_summary
+from fedclip.data.partition import Dirichlet, Partitioner
 from fedclip.errors import ConfigError
 from fedclip.interrupt import ignore_stop_signals
 
@@ -41,6 +42,11 @@ class DataConfig:
             (local), on a share of the test images of all base classes and on a share of
             those of the other classes (novel). Over several data sets (`MultiDataset`):
             the first half of EACH data set's classes, base and novel per data set.
+        val_fraction: in [0, 1): of the n training samples of each label a client holds,
+            floor(f * n + 1/2) (rounded half up) are held out, seeded, as its validation
+            split (multi-label: by each image's rarest label), evaluated alongside the test
+            split (`val/*` metrics, for `federation.select: val` and sweeps); the test splits
+            are the same as with 0 (`fedclip.data.holdout`).
     """
 
     dataset: DatasetSource = field(default_factory=Shapes)
@@ -51,6 +57,7 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = False
     base_to_novel: bool = False
+    val_fraction: float = 0.0
 
 
 def _collate(items: list) -> Batch:
@@ -99,6 +106,7 @@ class FederatedData:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+        check_val_fraction(cfg.val_fraction)
         # a size no memory can hold fails here, before a label is listed (`fedclip.data.memory`;
         # cache_bytes_per_image: what the frozen-feature cache keeps per image)
         check_data_plan(cfg, cache_bytes_per_image)
@@ -141,7 +149,9 @@ class FederatedData:
             seed,
             domains=None if self.train_domains is None else self.train_domains[pool],
         )
-        self.train_parts = [pool[p] for p in parts]
+        # the partition's parts; the test splits follow them (`train_parts` is what stays
+        # for training after the validation hold-out)
+        self.client_parts = self.train_parts = [pool[p] for p in parts]
         # each client's own class list (ids), when the partitioner gives clients one
         chooser = getattr(self.partitioner, "client_classes", None)
         self.own_classes = (
@@ -173,7 +183,13 @@ class FederatedData:
             rng = np.random.default_rng([seed, 3])
             shares = np.array_split(rng.permutation(len(self.test_labels)), cfg.num_clients)
             self.parts["global"] = [np.sort(p) for p in shares]
-        self.train_set = self.test_set = None
+        self.val_parts: list[np.ndarray] | None = None
+        if cfg.val_fraction > 0:  # after the test splits: those do not change
+            self.train_parts, self.val_parts = hold_out(
+                self.client_parts, self.train_labels, cfg.val_fraction, seed
+            )
+            self.parts.update(train=self.train_parts, val=self.val_parts)
+        self.train_set = self.test_set = self.val_set = None
         self.clip = None
         self.transfer: dict[str, DatasetSource] = {}  # other data sets' test splits
 
@@ -219,6 +235,12 @@ class FederatedData:
         self.use_train_cache = self.use_test_cache and not self.cfg.augment
         train_tf = clip.preprocess_train if self.cfg.augment else clip.preprocess_val
         self.train_set = self.source.dataset("train", train_tf)
+        # the validation split: training images, never augmented
+        self.val_set = (
+            self.source.dataset("train", clip.preprocess_val)
+            if self.cfg.augment
+            else self.train_set
+        )
         self.test_set = self.source.dataset("test", clip.preprocess_val)
         self._transfer_sets = {
             name: src.dataset("test", clip.preprocess_val) for name, src in self.transfer.items()
@@ -236,11 +258,13 @@ class FederatedData:
         if split not in self.parts:
             raise ValueError(f"no split {split!r} (have {sorted(self.parts)})")
         parts = self.parts[split]
-        dataset = self.train_set if split == "train" else self.test_set
-        labels = self.train_labels if split == "train" else self.test_labels
+        # the validation split: training images under the evaluation transform
+        source_split = "train" if split in ("train", "val") else "test"
+        dataset = {"train": self.train_set, "val": self.val_set}.get(split, self.test_set)
+        labels = self.train_labels if source_split == "train" else self.test_labels
         cached = self.use_train_cache if split == "train" else self.use_test_cache
         bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
-        key = self.source.key("train" if split == "train" else "test")
+        key = self.source.key(source_split)
         if split in self.transfer:
             dataset, labels = self._transfer_sets[split], self._transfer_labels[split]
             key = self.transfer[split].key("test")
@@ -310,7 +334,7 @@ class FederatedData:
             )  # (n_k, D)
         device = feats.device if feats is not None else self.clip.device
         if self.multilabel:
-            lab = self.targets["train" if split == "train" else "test"][idx].to(device)
+            lab = self.targets["train" if split in ("train", "val") else "test"][idx].to(device)
         else:
             lab = torch.as_tensor(labels[idx], device=device)
         ids = torch.as_tensor(idx, device=device)
@@ -325,8 +349,9 @@ class FederatedData:
             )
 
     def local_classes(self, k: int) -> list[int]:
-        """The classes client k holds in training, ascending."""
-        return np.unique(self.train_labels[self.train_parts[k]]).tolist()
+        """The classes of client k's part of the partition (its training and validation
+        samples; what its test split follows), ascending."""
+        return np.unique(self.train_labels[self.client_parts[k]]).tolist()
 
     def client_classes(self, k: int) -> list[int] | None:
         """Client k's own class list (ids) when the partitioner gives each client one
@@ -354,9 +379,9 @@ class FederatedData:
     def client_dataset(self, k: int) -> str | None:
         """The data set client k trains on (most of its training samples), or None for a
         single data set."""
-        if self.dataset_names is None or len(self.train_parts[k]) == 0:
+        if self.dataset_names is None or len(self.client_parts[k]) == 0:
             return None
-        owner = self.class_dataset[self.train_labels[self.train_parts[k]]]
+        owner = self.class_dataset[self.train_labels[self.client_parts[k]]]
         return self.dataset_names[int(np.bincount(owner).argmax())]
 
     def _flip_targets(self, key: str, dataset, idx: np.ndarray) -> torch.Tensor:
@@ -378,39 +403,12 @@ class FederatedData:
         if owner is not None:
             return [names[d] if d is not None and d >= 0 else None for d in owner]
         out: list[str | None] = []
-        for part in self.train_parts:
+        for part in self.client_parts:
             counts = np.bincount(domains[part], minlength=len(names)) if len(part) else None
             out.append(names[int(counts.argmax())] if counts is not None else None)
         return out
 
     def summary(self) -> dict:
-        """Per-client sample and class counts of both splits (and domain, if any)."""
-        n_cls = len(self.all_classnames)
-        train = partition_summary(self.train_parts, self.train_labels, n_cls)
-        test = partition_summary(self.test_parts, self.test_labels, n_cls)
-        domains = self.client_domains()
-        clients = []
-        for k in range(self.num_clients):
-            row = {
-                "client": k,
-                "train": int(train[k].sum()),
-                "test": int(test[k].sum()),
-                "classes": int((train[k] > 0).sum()),
-            }
-            if domains[k] is not None:
-                row["domain"] = domains[k]
-            if self.dataset_names is not None:
-                row["dataset"] = self.client_dataset(k)
-            clients.append(row)
-        return {
-            "dataset": getattr(self.source, "name", type(self.source).__name__),
-            "partitioner": repr(self.partitioner),
-            "seed": self.seed,
-            "classnames": self.all_classnames,
-            # multi-label: the counts count each image once, by its rarest label
-            "multilabel": self.multilabel,
-            **({} if self.dataset_names is None else {"datasets": self.dataset_names}),
-            "clients": clients,
-            "train_counts": train.tolist(),
-            "test_counts": test.tolist(),
-        }
+        """Per-client sample and class counts of every split (and domain, if any):
+        `fedclip.data.holdout.split_summary`."""
+        return split_summary(self)

@@ -309,10 +309,30 @@ class RoundLoop:
         closed here (marked failed for a non-zero code), not by an exit hook that a busy
         machine may cut short."""
         self.flush_loggers()
+        self.summarize_selection()
         finished = exit_code == 0 and self.round >= self.cfg.federation.rounds
         for lg in self.loggers:
             if hasattr(lg, "finish"):  # W&B: a finished run may log its prompts first
                 lg.finish(exit_code=exit_code, finished=finished)
+
+    def summarize_selection(self) -> None:
+        """Under `select: val`, give the loggers that keep a run summary (W&B) the selected
+        round's `eval/*` and `val/*` values and `selection/round`, in place of the last
+        round's: what summary.json reports, and what a sweep on a `val/` metric compares."""
+        fed = self.cfg.federation
+        if fed.select != "val":
+            return
+        from fedclip.federation.selection import select_key, select_round
+
+        by = select_key(fed.select, fed.select_by, self.info.multilabel, self.info.base_to_novel)
+        chosen, selection = select_round(self.history, fed.select, by)
+        if chosen is None:
+            return
+        values = {k: v for k, v in chosen.items() if k.startswith(("eval/", "val/"))}
+        values["selection/round"] = selection["round"]
+        for lg in self.loggers:
+            if hasattr(lg, "set_summary"):
+                lg.set_summary(values)
 
     def elapsed_s(self) -> float:
         """Wall seconds spent in fit() so far, over every resume of the run."""

@@ -273,27 +273,36 @@ class ClientRuntime:
         test split; 'global': the global part (`global_pass`) on its share of the whole test
         set (pooled over clients: the whole test set). Under base-to-novel, 'local' is among
         its own classes and 'base' / 'novel' are the global part on its share of the base
-        and novel test images (the base share is the global split)."""
+        and novel test images (the base share is the global split).
+
+        With a validation split (`data.val_fraction`), also 'val_local' (its own model on its
+        validation split, among the classes of 'local') and 'val_global' (the global part on
+        it, among the training classes)."""
         if self.data.dataset_names is not None:  # several data sets: per data set
             return self.evaluate_datasets(k)
+        val = "val" in self.data.parts
         if self.data.multilabel:
-            local = self.predict_client(k)
+            out = {"local": self.predict_client(k)}
             with self.global_pass(k):
-                return {"local": local, "global": self.predict_client(k, "global")}
+                out["global"] = self.predict_client(k, "global")
+                if val:
+                    out["val_global"] = self.predict_client(k, "val")
+            return {**out, "val_local": self.predict_client(k, "val")} if val else out
+        every = list(range(len(self.data.classnames)))  # the training classes' positions
+        own = self.data.client_classes(k) or every
         if self.data.cfg.base_to_novel:
-            base = list(range(self.data.num_base))
+            own, every = self.data.local_classes(k), list(range(self.data.num_base))
             novel = list(range(self.data.num_base, len(self.data.all_classnames)))
-            local = self.evaluate_client_on(k, "test", self.data.local_classes(k))
-            with self.global_pass(k):
-                return {
-                    "local": local,
-                    "base": self.evaluate_client_on(k, "base", base),
-                    "novel": self.evaluate_client_on(k, "novel", novel),
-                }
-        every = list(range(len(self.data.classnames)))
-        local = self.evaluate_client_on(k, "test", self.data.client_classes(k) or every)
+        out = {"local": self.evaluate_client_on(k, "test", own)}
         with self.global_pass(k):
-            return {"local": local, "global": self.evaluate_client_on(k, "global", every)}
+            if self.data.cfg.base_to_novel:
+                out["base"] = self.evaluate_client_on(k, "base", every)
+                out["novel"] = self.evaluate_client_on(k, "novel", novel)
+            else:
+                out["global"] = self.evaluate_client_on(k, "global", every)
+            if val:
+                out["val_global"] = self.evaluate_client_on(k, "val", every)
+        return {**out, "val_local": self.evaluate_client_on(k, "val", own)} if val else out
 
     def evaluate_datasets(self, k: int) -> dict[str, Any]:
         """`evaluate_one` over several data sets: 'local' (also as 'local/<its data set>')
@@ -312,6 +321,10 @@ class ClientRuntime:
                 for kind in kinds:
                     classes = data.dataset_classes(d, "all" if kind == "global" else kind)
                     out[f"{kind}/{name}"] = self.evaluate_client_on(k, f"{kind}/{name}", classes)
+            if "val" in data.parts:
+                out["val_global"] = self.evaluate_client_on(k, "val", data.train_classes.tolist())
+        if "val" in data.parts:
+            out["val_local"] = self.evaluate_client_on(k, "val", own)
         return out
 
     @contextlib.contextmanager

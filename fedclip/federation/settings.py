@@ -8,13 +8,16 @@ import json
 from typing import Any
 
 from fedclip.client import runtime_terms
+from fedclip.config_checks import check_selection
+from fedclip.data.holdout import check_val_fraction
 from fedclip.errors import ConfigError
 from fedclip.federation.devices import check_fabric
 from fedclip.privacy import check_strategy
 
 # Keys that may change between a run and its resume: they do not change what is computed.
 RESUMABLE_KEYS = {
-    "federation": ("rounds", "eval_every", "max_client_failures"),
+    # select, select_by: which evaluated round is reported, not what is computed
+    "federation": ("rounds", "eval_every", "max_client_failures", "select", "select_by"),
     "fabric": ("devices", "num_nodes"),  # any number of ranks computes the same result
 }
 
@@ -53,6 +56,9 @@ def check_config(cfg) -> None:
         raise ConfigError(
             f"federation.max_client_failures must be >= 0 or null, got {fed.max_client_failures}"
         )
+    check_val_fraction(cfg.data.val_fraction)
+    multilabel = bool(getattr(cfg.data.dataset, "multilabel", False))
+    check_selection(fed, cfg.data.val_fraction, multilabel)
     check_fabric(cfg.fabric)
     cfg.strategy.check_learner(cfg.learner)
     check_extras(cfg.strategy, cfg.learner)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fedclip.errors import FederationError
+from fedclip.federation.selection import select_key, select_round
 from fedclip.metrics import (
     DATASETS_CONVENTION,
     accuracy_metrics,
@@ -35,18 +36,50 @@ def eval_metrics(
     """The logged evaluation metrics of {client: `Federation.evaluate_one` result}.
 
     test_counts: each client's test-sample count (weights of `eval/acc_weighted`);
-    classnames: every class's name (multi-label per-class AP)."""
-    own = {k: {p: v for p, v in r.items() if is_own(p)} for k, r in result.items()}
+    classnames: every class's name (multi-label per-class AP). The validation parts
+    ('val_local', 'val_global') give the `val/*` metrics (`val_metrics`)."""
+    tested = {k: {p: v for p, v in r.items() if not is_val(p)} for k, r in result.items()}
+    own = {k: {p: v for p, v in r.items() if is_own(p)} for k, r in tested.items()}
     if multilabel:
         metrics = multilabel_metrics(own, classnames)
     elif base_to_novel:
         metrics = base_to_novel_metrics(own)
     else:
         metrics = accuracy_metrics(own, {k: test_counts[k] for k in result})
-    return {**metrics, **model_metrics(result, multilabel, metrics)}
+    validation = val_metrics(result, multilabel, classnames)
+    return {**metrics, **model_metrics(tested, multilabel, metrics), **validation}
 
 
 OWN_PARTS = {"local", "global", "base", "novel"}  # the others: `Strategy.evaluation_models`
+
+
+def is_val(part: str) -> bool:
+    """A part of the validation split ('val_local', 'val_global')."""
+    return part.startswith("val_")
+
+
+def val_metrics(result: dict[int, Any], multilabel: bool, classnames: list[str]) -> dict:
+    """The validation metrics of the parts 'val_local' and 'val_global' (`data.val_fraction`;
+    {} without them): the single-label (or multi-label) report of the test split, the
+    validation split in place of the test one, as `val/...` (`val/acc_mean`, `val/acc_min`,
+    `val/global`, `val/dual`; `val/map_mean`, ...) and `client/K/val_<metric>`; weighted by
+    the validation-sample counts. Under base-to-novel the validation split holds only base
+    classes: `val/acc_*` are local, `val/global` the global part on them."""
+    held = {k: r for k, r in result.items() if "val_local" in r and "val_global" in r}
+    if not held:
+        return {}
+    parts = {k: {"local": r["val_local"], "global": r["val_global"]} for k, r in held.items()}
+    if multilabel:
+        found = multilabel_metrics(parts, classnames)  # (its per-class APs are left out)
+    else:
+        found = accuracy_metrics(parts, {k: r["val_local"][1] for k, r in held.items()})
+    out: dict[str, float] = {}
+    for key, value in found.items():
+        if key.startswith("eval/"):
+            out[f"val/{key[len('eval/') :]}"] = value
+        elif (m := re.match(r"^client/(\d+)/(.+)$", key)) is not None:
+            out[f"client/{m.group(1)}/val_{m.group(2)}"] = value
+    return out
 
 
 def is_own(part: str) -> bool:
@@ -114,22 +147,34 @@ def run_summary(
     metric: str,
     initial: str = "",
 ) -> dict[str, Any]:
-    """A run's summary.json: per-client partition counts with their last evaluation (and
-    their round-0 one) and the lists of the learner's last report (e.g. the experts a
-    client holds), final metrics, the round-0 baseline, traffic and config.
+    """A run's summary.json: per-client partition counts with their reported evaluation
+    (and their round-0 one) and the lists of the learner's last report (e.g. the experts a
+    client holds), the reported round's test (`eval`) and validation (`val`) metrics and
+    which rule chose that round (`selection`, `fedclip.federation.selection`; `eval_last`:
+    the last round's under `select: val`), the round-0 baseline, traffic and config.
 
-    data_summary: `FederatedData.summary()`; last_eval: each client's headline metric;
-    initial: what round 0 evaluates (`PromptLearner.initial_state`)."""
+    data_summary: `FederatedData.summary()`; last_eval: each client's headline metric in
+    the last evaluation; initial: what round 0 evaluates (`PromptLearner.initial_state`)."""
+    fed = cfg.federation
+    by = select_key(fed.select, fed.select_by, metric == "map", cfg.data.base_to_novel)
+    chosen, selection = select_round(history, fed.select, by)
+    reported = chosen or {}
     part = copy.deepcopy(data_summary)
     start = next((r for r in history if r.get("round") == 0), None)
     for row in part["clients"]:
-        row[metric] = last_eval.get(row["client"], float("nan"))
+        k = row["client"]
+        row[metric] = last_eval.get(k, float("nan"))
+        if fed.select == "val":  # the selected round's, as `eval`
+            row[metric] = reported.get(f"client/{k}/{metric}", float("nan"))
+        if f"client/{k}/val_{metric}" in reported:
+            row[f"val_{metric}"] = reported[f"client/{k}/val_{metric}"]
         if start is not None:
             row[f"{metric}_round0"] = start.get(f"client/{row['client']}/{metric}", float("nan"))
         for key, value in reports.get(row["client"], {}).items():
             if isinstance(value, list | tuple):
                 row[key] = [int(v) for v in value]
     final = history[-1] if history else {}
+    last = select_round(history, "last", None)[0] or {}
     total_up = sum(r.get("traffic/up_bytes", 0.0) for r in history)
     total_down = sum(r.get("traffic/down_bytes", 0.0) for r in history)
     source = cfg.data.dataset
@@ -137,7 +182,14 @@ def run_summary(
         "rounds_completed": rounds_completed,
         "global_model": global_model(cfg),
         "clients": part["clients"],
-        "eval": {k: v for k, v in final.items() if k.startswith("eval/")},
+        "eval": {k: v for k, v in reported.items() if k.startswith("eval/")},
+        "val": {k: v for k, v in reported.items() if k.startswith("val/")},
+        "selection": selection,
+        **(
+            {"eval_last": {k: v for k, v in last.items() if k.startswith("eval/")}}
+            if fed.select == "val"
+            else {}
+        ),
         "baseline": None
         if start is None
         else {
@@ -147,7 +199,7 @@ def run_summary(
         },
         "per_class_ap": {
             k[len("class/") : -len("/ap")]: v
-            for k, v in final.items()
+            for k, v in reported.items()
             if k.startswith("class/") and k.endswith("/ap")
         },
         **(
@@ -156,7 +208,9 @@ def run_summary(
             else {}
         ),
         "traffic": {"up_bytes": total_up, "down_bytes": total_down},
-        "partition": {"train_counts": part["train_counts"], "test_counts": part["test_counts"]},
+        "partition": {
+            key: part[key] for key in ("train_counts", "val_counts", "test_counts") if key in part
+        },
         "config": {
             "learner": type(cfg.learner).__name__,
             "strategy": type(cfg.strategy).__name__,

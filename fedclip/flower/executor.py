@@ -166,6 +166,14 @@ class FlowerExecutor(Executor):
                 "clients": [info[k]["row"] for k in ks],
                 "train_counts": [info[k]["train_counts"] for k in ks],
                 "test_counts": [info[k]["test_counts"] for k in ks],
+                **(
+                    {
+                        "val_fraction": first["val_fraction"],
+                        "val_counts": [info[k]["val_counts"] for k in ks],
+                    }
+                    if first.get("val_counts") is not None
+                    else {}
+                ),
             },
             classnames=first["classnames"],
             multilabel=bool(first["multilabel"]),

@@ -115,6 +115,8 @@ class NodeClient:
             "row": part["clients"][k],
             "train_counts": part["train_counts"][k],
             "test_counts": part["test_counts"][k],
+            "val_counts": part["val_counts"][k] if "val_counts" in part else None,
+            "val_fraction": part.get("val_fraction"),
             "dataset": part["dataset"],
             "partitioner": part["partitioner"],
             "classnames": part["classnames"],
