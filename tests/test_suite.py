@@ -161,6 +161,21 @@ def test_print_commands_prints_every_cell_and_runs_nothing(tmp_path, monkeypatch
     assert record["coop-plain-seed1"]["config"]["data"]["dataset"]["init_args"]["style"] == "plain"
     assert record["coop-plain-seed1"]["config"]["seed"] == 1
     assert (folder / "configs" / "coop.yaml").is_file() and not (folder / "runs").exists()
+    assert (
+        suite(
+            path,
+            "--print-commands",
+            "--override=--federation.eval_every=2",
+            "--only",
+            "*-plain-seed1",
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("--run_name=")[1].split()[0] for line in lines] == [
+        "promptfl-plain-seed1",
+        "coop-plain-seed1",
+    ]
 
 
 def test_a_changed_suite_is_refused_naming_the_key(tmp_path, monkeypatch, capsys):
@@ -311,3 +326,29 @@ def test_children_divide_the_cores_among_the_jobs(monkeypatch):
     probe = "import torch; print(torch.get_num_threads())"  # what a fit's torch really uses
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "1", done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_cells_in_one_line_and_the_suite_goes_on_later(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    path = write_suite(tmp_path, rounds=6, seeds=[0])
+    args = [sys.executable, "-m", "fedclip.cli", "suite", "--config", str(path)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    log = tmp_path / "out" / "quick" / "runs" / "promptfl-shapes-seed0.log"
+    ckpt = log.with_suffix("") / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file():  # a round done (of 6)
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130
+    assert err[-1].startswith("fedclip suite: interrupted; the running cells were stopped")
+    assert "stopped by SIGTERM after a checkpoint" in log.read_text()  # the child, not killed
+    assert suite(path) == 0
+    assert "resumed from its checkpoint" in capsys.readouterr().err
+    summary = json.loads((log.with_suffix("") / "summary.json").read_text())
+    assert summary["stopped"] is None and summary["rounds_completed"] == 6

@@ -140,7 +140,10 @@ def run_jobs(jobs: list[Job], n_jobs: int, detail: Callable[[Job], str]) -> list
     outcomes: list[Outcome] = []
     lines = _Lines(len(jobs))
     total, started = len(jobs), 0
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:  # SIGTERM (a cluster's stop) as Ctrl-C; only the main thread may set it
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:
+        previous = None
     try:
         while pending or running:
             while pending and len(running) < n_jobs:
@@ -178,6 +181,7 @@ def run_jobs(jobs: list[Job], n_jobs: int, detail: Callable[[Job], str]) -> list
         _stop(running)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         lines.close()
     return outcomes

@@ -27,8 +27,9 @@ from typing import Any
 import yaml
 
 from fedclip.errors import FedclipError, UsageError, one_line
+from fedclip.suites.fields import flags
 from fedclip.suites.pool import Job, command_line, run_jobs
-from fedclip.suites.spec import Cell, Suite, flags, load_suite
+from fedclip.suites.spec import Cell, Suite, load_suite
 from fedclip.suites.table import (
     Table,
     build_table,

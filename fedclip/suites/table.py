@@ -256,6 +256,8 @@ def latex(table: Table) -> str:
 def curves_figure(table: Table):
     """One panel per column, one line per row: the first metric per round, mean over the
     runs with their min-max as a band."""
+    from matplotlib.ticker import MaxNLocator
+
     from fedclip.report import _pyplot
 
     plt = _pyplot()
@@ -277,6 +279,7 @@ def curves_figure(table: Table):
             lo, hi = [min(by_round[r]) for r in x], [max(by_round[r]) for r in x]
             ax.fill_between(x, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
         ax.set(xlabel="round", ylabel=f"{metric} (%)", title=column or metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:
