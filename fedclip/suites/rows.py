@@ -121,11 +121,7 @@ def method_rows(path: Path, data: dict[str, Any], base: Path | None) -> list[Row
         seen: set[str] = set()
         for row in rows:
             if getattr(row, attr) in seen:
-                raise fail(
-                    path,
-                    "methods",
-                    f"two rows are named {row.name!r} "
-                    f"({'same folder name ' + row.slug if attr == 'slug' else ''})",
-                )
+                same = f"the folder name {row.slug!r}" if attr == "slug" else repr(row.name)
+                raise fail(path, "methods", f"two rows share {same}; rename one")
             seen.add(getattr(row, attr))
     return rows
