@@ -1,6 +1,7 @@
 """The `fedclip` command: `fedclip fit --config X.yaml`, `fedclip evaluate --run_dir R`,
-`fedclip partition --config X.yaml`, `fedclip export --run_dir R` and
-`fedclip predict --run_dir R IMAGE...`; `fedclip --help` lists them, `fedclip --version`.
+`fedclip partition --config X.yaml`, `fedclip export --run_dir R`,
+`fedclip predict --run_dir R IMAGE...`, `fedclip suite --config S.yaml` and
+`fedclip compare RUN_DIR...`; `fedclip --help` lists them, `fedclip --version`.
 
 Every YAML key is also a flag (`--learner.init_args.n_ctx=8`, or `--learner.n_ctx=8`), and
 `--print_config` prints the resolved configuration. Keys are exact: a prefix such as
@@ -52,6 +53,14 @@ COMMANDS = {
     "export": Command("fedclip.export:cmd_export", "write a run's prompts as one .safetensors"),
     "predict": Command(
         "fedclip.predict:cmd_predict", "classify image files with a run's trained prompts"
+    ),
+    "suite": Command(
+        "fedclip.suites.run:cmd_suite",
+        "run a suite of fits (methods x settings x seeds) and write its table",
+    ),
+    "compare": Command(
+        "fedclip.suites.compare:cmd_compare",
+        "tabulate existing run folders (mean ± std over seeds), grouped by config keys",
     ),
 }
 

@@ -64,7 +64,8 @@ def test_version_and_unknown_command_without_torch():
 
 
 def test_every_command_is_listed_and_importable():
-    assert list(COMMANDS) == ["fit", "evaluate", "partition", "export", "predict"]
+    assert list(COMMANDS) == ["fit", "evaluate", "partition", "export", "predict", "suite",
+                              "compare"]  # fmt: skip
     for command in COMMANDS.values():
         module, _, function = command.target.partition(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
