@@ -4,7 +4,6 @@ the file and the key."""
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,9 @@ def text(path: Path, key: str, value: Any, required: bool = True) -> str | None:
 
 
 def flags(path: Path | str, key: str, value: Any) -> tuple[str, ...]:
-    """A list of fit flags (each item split as a shell would: '--a=1' or '--a 1') as argv
-    items; refused: an item that is not a flag, or one the suite sets itself."""
+    """A list of fit flags as argv items: '--a=VALUE' is one item, taken whole (VALUE may
+    hold spaces and quotes, e.g. JSON), '--a VALUE' two; refused: an item that is not a
+    flag, or one the suite sets itself."""
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -71,10 +71,8 @@ def flags(path: Path | str, key: str, value: Any) -> tuple[str, ...]:
         )
     out: list[str] = []
     for item in value:
-        try:
-            tokens = shlex.split(item)
-        except ValueError as e:
-            raise fail(Path(path), key, f"cannot split {item!r}: {e}") from None
+        head = item.strip().split(None, 1)
+        tokens = [item.strip()] if head and "=" in head[0] else head
         if not tokens or not tokens[0].startswith("--"):
             raise fail(Path(path), key, f"{item!r} is not a flag (--key=value)")
         for token in tokens:
