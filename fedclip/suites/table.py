@@ -132,7 +132,7 @@ class Table:
         out = []
         for column in self.columns:
             for metric in self.metrics:
-                if not column:
+                if not column or len(self.columns) == 1 and len(self.metrics) > 1:
                     label = metric
                 elif len(self.metrics) == 1:
                     label = column
