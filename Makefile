@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # offline build machines serve); pip resolves them before the project's own dependencies.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint bench quickstarts quickstarts-b2n clean flower-demo
+.PHONY: install demo test test-all lint bench quickstarts quickstarts-b2n quick-suite clean flower-demo
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ bench: install
 # every registered method's offline quickstart, one table (personal, global, dual)
 quickstarts: install
 	$(BIN)/python benchmarks/quickstarts.py --out benchmarks/results
+
+# every registered method's offline quickstart over 2 seeds, one table (runs/suites/quick/)
+quick-suite: install
+	$(BIN)/fedclip suite --config configs/suites/quick.yaml --jobs 2
 
 quickstarts-b2n: install
 	$(BIN)/python benchmarks/quickstarts.py --b2n --out benchmarks/results

@@ -18,7 +18,6 @@ traceback too. Nothing in the package imports this module.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -26,7 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedclip.errors import FedclipError, UsageError, one_line
+from fedclip.errors import UsageError, one_line, user_error
 from fedclip.parsing import closest, command_parser, parse_args
 from fedclip.sweeps import strip_agent_arguments
 
@@ -112,33 +111,6 @@ def evaluate_parser():
     return parser
 
 
-def _raised_by_jsonargparse(error: BaseException) -> bool:
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The bad input behind `error`, or None when `error` is a bug.
-
-    Bad input is a FedclipError or an argparse.ArgumentError (how jsonargparse refuses a
-    flag or value). jsonargparse re-raises what a class's __init__ or __post_init__ raised
-    as a plain ValueError in some places (a dataclass under a Union, e.g. `X | None`), with
-    the original as its __cause__; such a wrapper, and only one raised inside jsonargparse,
-    is looked through. Any other exception, whatever it wraps, stays a bug.
-    """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, FedclipError | argparse.ArgumentError):
-            return error
-        if not _raised_by_jsonargparse(error):
-            return None
-        seen.add(id(error))
-        error = error.__cause__
-    return None
-
-
 def cmd_fit(argv: list[str]) -> int:
     from fedclip.config import (
         build_fit_config,
@@ -220,6 +192,7 @@ def cmd_evaluate(argv: list[str]) -> int:
             f"{name}: accuracy {100 * transfer[f'transfer/{name}/acc']:.2f}% (pooled over clients)"
         )
     fed.history.append({"round": float(fed.round), **metrics})
+    fed.cfg.federation.select = "last"  # the table is this evaluation, not a selected round
     write_text_atomic(run_dir / "eval.json", json.dumps({"round": fed.round, **metrics}, indent=2))
     print_table(fed, f"{run_dir.name}: evaluation after round {fed.round}")
     return 0

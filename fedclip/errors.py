@@ -12,6 +12,8 @@ command line, however, only treats `FedclipError` as bad input.
 
 from __future__ import annotations
 
+import argparse
+
 
 def one_line(message: str) -> str:
     """A message as the single line the command line prints."""
@@ -78,3 +80,30 @@ class FederationError(RuntimeError):
     """The federation cannot go on (more clients failed in a round than allowed). The run
     stops with exit code 1 after writing the round so far; the failing clients'
     tracebacks are in the run's log file."""
+
+
+def _raised_by_jsonargparse(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The bad input behind `error`, or None when `error` is a bug.
+
+    Bad input is a FedclipError or an argparse.ArgumentError (how jsonargparse refuses a
+    flag or value). jsonargparse re-raises what a class's __init__ or __post_init__ raised
+    as a plain ValueError in some places (a dataclass under a Union, e.g. `X | None`), with
+    the original as its __cause__; such a wrapper, and only one raised inside jsonargparse,
+    is looked through. Any other exception, whatever it wraps, stays a bug.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FedclipError | argparse.ArgumentError):
+            return error
+        if not _raised_by_jsonargparse(error):
+            return None
+        seen.add(id(error))
+        error = error.__cause__
+    return None

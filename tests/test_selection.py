@@ -254,6 +254,12 @@ def test_quickstart_reports_the_best_validation_round(shapes_cache, tmp_path, ca
     assert f"reported: round {sel['round']} (best val/acc_mean)" in capsys.readouterr().out
     partition = json.loads((tmp_path / "q" / "partition.json").read_text())
     assert partition["val_fraction"] == 0.25 and [c["val"] for c in partition["clients"]]
+    # `fedclip evaluate` evaluates the last checkpoint: its table is that, not a selected round
+    assert main(["evaluate", "--run_dir", str(tmp_path / "q")]) == 0
+    printed = capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "q" / "eval.json").read_text())
+    assert "reported: round" not in printed
+    assert f"{100 * evaluated['eval/acc_mean']:.2f}" in printed
 
 
 def test_multilabel_quickstart_selects_by_val_map(shapes_cache, tmp_path):

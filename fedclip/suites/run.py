@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from fedclip.errors import FedclipError, UsageError, one_line
+from fedclip.errors import UsageError, one_line, user_error
 from fedclip.suites.fields import flags
 from fedclip.suites.pool import Job, command_line, run_jobs
 from fedclip.suites.spec import Cell, Suite, load_suite
@@ -75,17 +75,6 @@ def suite_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bad_input(error: BaseException) -> BaseException | None:
-    """The FedclipError or argparse error behind `error` (jsonargparse wraps some), or None."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, FedclipError | argparse.ArgumentError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__
-    return None
-
-
 def _config_text(suite: Suite, row) -> str:
     head = f"# composed by fedclip suite {suite.path} (row {row.name!r}) from {row.source}\n"
     return head + yaml.safe_dump(row.config, sort_keys=False)
@@ -112,7 +101,7 @@ def resolve(suite: Suite, cells: list[Cell]) -> dict[str, tuple[Any, dict[str, A
                 cfg, plain = build_fit_config(parser, parse_args(parser, argv))
                 check_config(cfg)
             except Exception as e:
-                bad = _bad_input(e)
+                bad = user_error(e)
                 if bad is None:
                     raise
                 line = one_line(str(bad)).replace(argv[1], final)

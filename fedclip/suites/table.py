@@ -264,8 +264,11 @@ def curves_figure(table: Table):
     metric = table.metrics[0]
     n = len(table.columns)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    colours = plt.get_cmap("tab20" if len(table.rows) > 10 else "tab10")
+    styles = ("-", "--", ":", "-.")  # with the colours: up to 80 rows apart
+    legend: dict[str, object] = {}
     for ax, column in zip(axes[0], table.columns, strict=True):
-        for row in table.rows:
+        for i, row in enumerate(table.rows):
             curves = [read_curve(p, metric) for p in table.runs.get((row, column), [])]
             by_round: dict[int, list[float]] = {}
             for curve in curves:
@@ -275,15 +278,21 @@ def curves_figure(table: Table):
                 continue
             x = sorted(by_round)
             mean = [float(np.mean(by_round[r])) for r in x]
-            line = ax.plot(x, mean, marker="o", markersize=3, label=f"{row} (n={len(curves)})")
+            colour = colours(i % colours.N)
+            style = styles[(i // colours.N) % len(styles)]
+            (line,) = ax.plot(x, mean, style, color=colour, marker="o", markersize=3)
+            legend.setdefault(row, line)
             lo, hi = [min(by_round[r]) for r in x], [max(by_round[r]) for r in x]
-            ax.fill_between(x, lo, hi, alpha=0.2, color=line[0].get_color(), linewidth=0)
+            ax.fill_between(x, lo, hi, alpha=0.15, color=colour, linewidth=0)
         ax.set(xlabel="round", ylabel=f"{metric} (%)", title=column or metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
+        if not ax.lines:
             ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+    if legend:  # one legend for every panel, beside them
+        fig.legend(
+            list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5),
+            fontsize=8, ncol=1 if len(legend) <= 16 else 2, frameon=False,
+        )  # fmt: skip
     fig.suptitle(f"{table.title}: mean over runs, band min-max", fontsize=10)
     fig.tight_layout()
     return fig
@@ -300,6 +309,6 @@ def write_table(table: Table, folder: Path, stem: str) -> list[Path]:
         write_text_atomic(path, text)
     fig = curves_figure(table)
     with atomic_path(paths[3]) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
     _pyplot().close(fig)
     return paths
