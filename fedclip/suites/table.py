@@ -37,11 +37,12 @@ def finished(summary: dict[str, Any] | None, rounds: int | None = None) -> bool:
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The run's headline metric: eval/hm under base-to-novel, eval/map_mean for
-    multi-label data, else eval/acc_mean."""
-    if "eval/hm" in (summary.get("eval") or {}):
-        return "eval/hm"
-    return "eval/map_mean" if summary.get("metric") == "map" else "eval/acc_mean"
+    """The run's headline metric (`fedclip.tracking.headline_metric`), from its summary:
+    multi-label when its metric is 'map', base-to-novel when it reports eval/hm."""
+    from fedclip.tracking import headline_metric
+
+    base_to_novel = "eval/hm" in (summary.get("eval") or {})
+    return headline_metric(summary.get("metric") == "map", base_to_novel)
 
 
 def selection(summary: dict[str, Any]) -> str:
